@@ -1,0 +1,130 @@
+"""User-facing configuration: how to sample (`SamplingParams`) and how to run (`EngineConfig`).
+
+Both are plain dataclasses validated in `__post_init__`, so a bad value raises a
+`ValueError` naming the field before any work starts.  Derived quantities (the
+number of KV pages, for instance) are computed by the components that need
+them and never written back here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each request's tokens (the vLLM / OpenAI conventions).
+
+    temperature 0 is greedy.  `seed` makes a sampled request reproducible
+    whatever else is in the batch and in whatever order it runs.  `stop`
+    strings end the completion and are not part of its text; `stop_token_ids`
+    and the model's EOS end it too (unless `ignore_eos`).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept a single string and any iterable for the tuple fields.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is None:
+            object.__setattr__(self, "stop", ())
+        if self.stop_token_ids is None:
+            object.__setattr__(self, "stop_token_ids", ())
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
+               f"must be a finite number >= 0, got {self.temperature!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p",
+               f"must be in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k",
+               f"must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer or None, got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               f"must be non-empty strings, got {self.stop!r}")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               f"must be non-negative integers, got {self.stop_token_ids!r}")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs.  Every field has a default that suits the device.
+
+    kv_cache_fraction: share of the device memory still free after the weights
+        are loaded that the paged KV pool takes (CUDA).
+    kv_cache_bytes: a fixed KV pool size in bytes; required on the CPU, where
+        free memory is not a meaningful bound (default 256 MiB there).
+    page_size: tokens per KV page.
+    max_num_batched_tokens: the token budget of one forward pass (decodes plus
+        prefill chunks); a few thousand saturates an H100.
+    max_num_seqs: a safety cap on running requests; memory is the real bound.
+    prefix_sharing: build the global prefix tree and compute shared prefixes once.
+    min_shared_tokens: a prefix is shared only if (fan-out - 1) * length, the
+        prompt tokens it saves, reaches this.
+    """
+
+    dtype: str = "auto"
+    device: str | None = None
+    kv_cache_fraction: float = 0.85
+    kv_cache_bytes: int | None = None
+    page_size: int = 16
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 512
+    prefix_sharing: bool = True
+    min_shared_tokens: int = 32
+    attention_backend: str = "auto"
+    progress: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(self.device is None or isinstance(self.device, str), "device",
+               f"must be a device string such as 'cpu' or 'cuda', got {self.device!r}")
+        _check(_is_number(self.kv_cache_fraction) and 0 < self.kv_cache_fraction < 1, "kv_cache_fraction",
+               f"must be in (0, 1), got {self.kv_cache_fraction!r}")
+        _check(self.kv_cache_bytes is None or (_is_int(self.kv_cache_bytes) and self.kv_cache_bytes > 0),
+               "kv_cache_bytes", f"must be a positive integer or None, got {self.kv_cache_bytes!r}")
+        _check(_is_int(self.page_size) and self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0,
+               "page_size", f"must be a power of two, got {self.page_size!r}")
+        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 16,
+               "max_num_batched_tokens", f"must be an integer >= 16, got {self.max_num_batched_tokens!r}")
+        _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs",
+               f"must be an integer >= 1, got {self.max_num_seqs!r}")
+        _check(isinstance(self.prefix_sharing, bool), "prefix_sharing", "must be a bool")
+        _check(_is_int(self.min_shared_tokens) and self.min_shared_tokens >= 1, "min_shared_tokens",
+               f"must be an integer >= 1, got {self.min_shared_tokens!r}")
+        _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
+               f"must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")

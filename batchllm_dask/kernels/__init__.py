@@ -1,0 +1,29 @@
+"""Attention kernels.  They know tensors and index arrays, never requests.
+
+`paged_attention` is the one seam the engine calls: the Triton kernels on CUDA
+(head_dim 64 or 128, fp16/bf16/fp32), the torch reference everywhere else.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import AttentionWork, paged_attention_reference, write_kv
+
+__all__ = ["AttentionWork", "paged_attention", "paged_attention_reference", "write_kv", "triton_supported"]
+
+
+def triton_supported(q: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these queries on this device."""
+    return q.is_cuda and q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: AttentionWork,
+                    sm_scale: float, backend: str = "auto") -> torch.Tensor:
+    """Attention of q [T, Hq, D] over the paged pool as described by `work` (see reference.py).
+
+    backend: "auto" (Triton where supported, else torch), "torch", or "triton".
+    """
+    if backend == "torch" or (backend == "auto" and not triton_supported(q)):
+        return paged_attention_reference(q, k_cache, v_cache, work, sm_scale)
+    from .prefix_attention import fused_paged_attention
+    return fused_paged_attention(q, k_cache, v_cache, work, sm_scale)
