@@ -1,0 +1,1 @@
+"""batchllm-dask: offline large-batch LLM inference over dataframes (BatchLLM on Dask)."""

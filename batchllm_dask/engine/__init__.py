@@ -1,0 +1,1 @@
+"""The embedded BatchLLM engine: prefix tree, paged KV, scheduler, model, sampler."""
