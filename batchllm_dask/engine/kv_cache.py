@@ -1,0 +1,52 @@
+"""Page ids of the paged KV pool: who holds which pages, and how many there are.
+
+The pool itself (torch tensors) lives in the runner; this module only counts.
+There is no LRU and no reference counting by hash: a shared prefix owns its
+pages from its prefill until its last request retires, and the scheduler frees
+them then (explicit lifetimes, BatchLLM section 3).  Pure Python: no torch.
+"""
+from __future__ import annotations
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // page_size)
+
+
+def kv_bytes_per_page(page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                      dtype_bytes: int) -> int:
+    """Bytes of one page across all layers, keys and values."""
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * dtype_bytes
+
+
+class OutOfPages(RuntimeError):
+    """The pool has fewer free pages than asked for."""
+
+
+class PageAllocator:
+    """A free list of page ids, with the high-water mark of pages in use."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 1:
+            raise ValueError(f"the KV pool needs at least one page, got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self.peak_used = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        self.peak_used = max(self.peak_used, self.num_used)
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))

@@ -1,0 +1,240 @@
+"""What runs in each forward pass.  Pure Python over request metadata: no torch.
+
+Two separate pieces (DESIGN.md):
+
+- *Order* (`order_requests`): prefix groups depth-first, so a shared prefix's
+  KV lives as briefly as possible; inside each group, decode-first (larger
+  max_tokens / own-prompt ratio first, BatchLLM section 4.1), so long
+  generations start early and their decode tokens ride along with later
+  prefill chunks.
+- *Admission and token batching* (`Scheduler`): a request is admitted, in
+  order, when its own prompt plus max_tokens, plus any shared prefix above it
+  not yet in memory, fits in the free KV pages, not up to a fixed count.  Each
+  step carries every running decode plus prefill chunks up to a token budget.
+  Decode pages are taken as tokens arrive; if the pool runs dry anyway, the
+  newest request is preempted (its pages freed) and recomputed later from its
+  prompt and the tokens it had generated: nothing is lost.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import PageAllocator, pages_for
+from .prefix_tree import PrefixPlan
+from .sequence import PrefixSeq, RequestSeq, Sequence, Status
+
+
+def order_requests(plan: PrefixPlan, decode_ratio: list[float]) -> list[int]:
+    """Request indices in run order: prefix groups depth-first, decode-first inside each group."""
+    children: dict[int | None, list[int]] = {}
+    for p in plan.prefixes:
+        children.setdefault(p.parent, []).append(p.id)
+    direct: dict[int | None, list[int]] = {}
+    for i, node in enumerate(plan.request_prefix):
+        direct.setdefault(node, []).append(i)
+    order: list[int] = []
+
+    def visit(node: int | None) -> None:
+        order.extend(sorted(direct.get(node, []), key=lambda i: (-decode_ratio[i], i)))
+        for child in children.get(node, []):
+            visit(child)
+
+    visit(None)
+    return order
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`length` tokens of `seq`, from token index `start`, computed in this step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk ends a request's pending tokens, so its last row is sampled."""
+        return isinstance(self.seq, RequestSeq) and self.start + self.length == len(self.seq.tokens)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One forward pass: decodes (one token each), then prefill chunks."""
+
+    decodes: list[Chunk]
+    prefills: list[Chunk]
+    failed: list[RequestSeq] = field(default_factory=list)  # requests that can never fit
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.length for c in self.prefills)
+
+    @property
+    def sampled(self) -> list[Chunk]:
+        return [c for c in self.decodes + self.prefills if c.samples]
+
+
+class Scheduler:
+    """Admission by KV memory, token batches under a budget, preemption of the newest request."""
+
+    def __init__(self, requests: list[RequestSeq], allocator: PageAllocator, page_size: int,
+                 max_batched_tokens: int, max_running: int):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_batched_tokens = max_batched_tokens
+        self.max_running = min(max_running, max_batched_tokens)
+        self.waiting: deque[RequestSeq] = deque(requests)
+        self.running: list[RequestSeq] = []  # in admission order: the last is the newest
+        self.prefilling: list[PrefixSeq] = []
+        self.num_preemptions = 0
+        self.recomputed_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    # -- one step --------------------------------------------------------------------------
+    def schedule(self) -> StepBatch:
+        decodes = self._schedule_decodes()
+        budget = self.max_batched_tokens - len(decodes)
+        prefills, budget = self._continue_prefills(budget)
+        new, failed = self._admit(budget)
+        return StepBatch(sorted(decodes, key=_row_key), sorted(prefills + new, key=_row_key), failed)
+
+    def commit(self, batch: StepBatch) -> None:
+        """Record that the batch ran: its tokens' KV is now in the pool."""
+        for chunk in batch.decodes + batch.prefills:
+            chunk.seq.num_computed += chunk.length
+        self.prefilling = [p for p in self.prefilling if p.pending > 0]
+
+    def finish(self, seq: RequestSeq) -> None:
+        """Retire a request: free its pages, and any prefix whose last user it was."""
+        seq.status = Status.FINISHED
+        self.running.remove(seq)
+        self._free(seq)
+        for prefix in seq.ancestors():
+            prefix.users -= 1
+            if prefix.users == 0:
+                self._free(prefix)
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _schedule_decodes(self) -> list[Chunk]:
+        chunks = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or not _is_decode(seq):
+                continue
+            if self._grow(seq, seq.num_computed + 1):
+                chunks.append(Chunk(seq, seq.num_computed, 1))
+        return chunks
+
+    def _grow(self, seq: RequestSeq, num_tokens: int) -> bool:
+        """Give `seq` pages for `num_tokens`, preempting newer requests if the pool is dry."""
+        while len(seq.pages) < pages_for(num_tokens, self.page_size):
+            if self.allocator.num_free == 0:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+                continue
+            seq.pages += self.allocator.allocate(1)
+        return True
+
+    def _preempt(self, seq: RequestSeq) -> None:
+        self.num_preemptions += 1
+        self.recomputed_tokens += seq.num_computed
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _continue_prefills(self, budget: int) -> tuple[list[Chunk], int]:
+        chunks = []
+        runnable = [p for p in self.prefilling if _parent_done(p)]
+        runnable += [s for s in self.running if not _is_decode(s) and s.pending > 0 and s.context_ready()]
+        for seq in runnable:
+            if budget <= 0:
+                break
+            chunk = Chunk(seq, seq.num_computed, min(seq.pending, budget))
+            chunks.append(chunk)
+            budget -= chunk.length
+        return chunks, budget
+
+    def _admit(self, budget: int) -> tuple[list[Chunk], list[RequestSeq]]:
+        chunks: list[Chunk] = []
+        failed: list[RequestSeq] = []
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            need = self._pages_needed(seq)
+            if need > self.allocator.num_free and not self.running:
+                self._release_idle_prefixes()
+                if need > self.allocator.num_free:
+                    failed.append(self._fail(seq, need))
+                    continue
+            if need > self.allocator.num_free or budget <= 0:
+                break
+            new_prefixes = self._materialize(seq)
+            self.waiting.popleft()
+            seq.pages = self.allocator.allocate(pages_for(len(seq.tokens), self.page_size))
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            for s in [*new_prefixes, seq]:
+                if budget > 0 and _parent_done(s) and s.pending > 0 and (s is not seq or s.context_ready()):
+                    chunks.append(Chunk(s, s.num_computed, min(s.pending, budget)))
+                    budget -= chunks[-1].length
+        return chunks, failed
+
+    def _pages_needed(self, seq: RequestSeq) -> int:
+        own = pages_for(len(seq.tokens) + seq.remaining, self.page_size)
+        missing = [p for p in seq.ancestors() if not p.materialized]
+        return own + sum(pages_for(len(p.tokens), self.page_size) for p in missing)
+
+    def _materialize(self, seq: RequestSeq) -> list[PrefixSeq]:
+        new = [p for p in seq.ancestors() if not p.materialized]
+        for prefix in new:
+            prefix.pages = self.allocator.allocate(pages_for(len(prefix.tokens), self.page_size))
+            prefix.num_computed = 0
+            prefix.status = Status.RUNNING
+            self.prefilling.append(prefix)
+        return new
+
+    def _release_idle_prefixes(self) -> None:
+        """Last resort when nothing runs and the next request does not fit: free prefixes held for
+        waiting requests only (they are recomputed when needed again)."""
+        held = {id(p): p for s in self.waiting for p in s.ancestors() if p.materialized}
+        for prefix in held.values():
+            self.recomputed_tokens += prefix.num_computed
+            self._free(prefix)
+            prefix.num_computed = 0
+        self.prefilling = [p for p in self.prefilling if p.materialized]
+
+    def _fail(self, seq: RequestSeq, need: int) -> RequestSeq:
+        self.waiting.popleft()
+        seq.status = Status.FINISHED
+        seq.finish_reason = "error"
+        seq.error = (f"needs {need} KV pages (prompt plus max_tokens) but the cache has "
+                     f"{self.allocator.num_pages}: lower max_tokens or give the engine more KV memory")
+        for prefix in seq.ancestors():
+            prefix.users -= 1
+            if prefix.users == 0:
+                self._free(prefix)
+        return seq
+
+    def _free(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages = []
+
+
+def _is_decode(seq: RequestSeq) -> bool:
+    """A request past its prompt with exactly one token (the last sampled) to feed."""
+    return seq.pending == 1 and len(seq.tokens) > seq.num_prompt
+
+
+def _parent_done(seq: Sequence) -> bool:
+    return seq.parent is None or (seq.parent.pending == 0 and seq.parent.materialized)
+
+
+def _row_key(chunk: Chunk) -> tuple[int, int]:
+    # Prefixes sort just before the requests below them; rows of one group stay contiguous.
+    return (chunk.seq.rank, 0 if isinstance(chunk.seq, PrefixSeq) else 1)

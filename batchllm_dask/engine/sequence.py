@@ -1,0 +1,92 @@
+"""The state of one thing whose KV the engine computes: a shared prefix or a request.
+
+Both are a run of tokens at absolute positions [start, start + len(tokens)),
+stored in their own KV pages, below an optional parent prefix whose KV they
+attend to.  A request's tokens are its own prompt suffix followed by what it
+has generated so far; a prefix never generates.  Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .config import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """KV-owning state.  `num_computed` tokens of `tokens` have their KV in `pages`."""
+
+    start: int  # absolute position of tokens[0]
+    tokens: list[int]
+    parent: "Sequence | None"  # the deepest shared prefix above, or None
+    rank: int  # order of the request in the plan; rows of a step are sorted by it
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+
+    @property
+    def pending(self) -> int:
+        """Tokens whose KV is not computed yet."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    def ancestors(self) -> list["Sequence"]:
+        """Shared prefixes above, outermost first."""
+        chain, node = [], self.parent
+        while node is not None:
+            chain.append(node)
+            node = node.parent
+        return chain[::-1]
+
+    def context_ready(self) -> bool:
+        """Whether every prefix above has all its KV computed."""
+        return all(p.pending == 0 and p.pages for p in self.ancestors())
+
+
+@dataclass(eq=False)
+class PrefixSeq(Sequence):
+    """A shared prefix: prefilled once, freed when `users` (unfinished requests below) reaches 0."""
+
+    prefix_id: int = -1
+    users: int = 0
+
+    @property
+    def materialized(self) -> bool:
+        return bool(self.pages)
+
+
+@dataclass(eq=False)
+class RequestSeq(Sequence):
+    """A request: its prompt suffix, then its generated tokens."""
+
+    index: int = -1  # position in the caller's list
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    num_prompt: int = 0  # length of the own prompt suffix
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.params.max_tokens - (len(self.tokens) - self.num_prompt)
+
+    @property
+    def decode_ratio(self) -> float:
+        """BatchLLM's decode-first key: generated tokens per prompt token it must prefill."""
+        return self.params.max_tokens / max(1, self.num_prompt)
