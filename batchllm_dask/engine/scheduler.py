@@ -169,6 +169,7 @@ class Scheduler:
             need = self._pages_needed(seq)
             if need > self.allocator.num_free and not self.running:
                 self._release_idle_prefixes()
+                need = self._pages_needed(seq)
                 if need > self.allocator.num_free:
                     failed.append(self._fail(seq, need))
                     continue
