@@ -1,0 +1,190 @@
+"""The engine end to end on tiny random-weight checkpoints, against Hugging Face transformers.
+
+Greedy decoding must give exactly transformers' tokens (fp32, CPU), whatever the
+engine does underneath: prefix sharing on or off, chunked prefill, preemption.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from batchllm_dask.engine import Engine, SamplingParams
+from batchllm_dask.engine.default_model import build_tiny_checkpoint
+
+
+def _words(rng: random.Random, n: int) -> str:
+    vocab = ["data", "frame", "token", "prefix", "cache", "batch", "query", "model", "river", "stone", "green"]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def _system_document_question(seed: int = 0, n: int = 64) -> tuple[list[str], list[int]]:
+    """n prompts built as [system][document][question], mixed lengths and mixed max_tokens."""
+    rng = random.Random(seed)
+    systems = [f"System {s}: " + _words(rng, rng.randint(8, 14)) + "\n" for s in range(2)]
+    docs = [[f"Doc {d}: " + _words(rng, rng.randint(10, 30)) + "\n" for d in range(3)] for _ in systems]
+    prompts, max_tokens = [], []
+    for i in range(n):
+        s = i % len(systems)
+        doc = docs[s][rng.randrange(3)]
+        prompts.append(systems[s] + doc + f"Q{i}: " + _words(rng, rng.randint(1, 6)) + "?")
+        max_tokens.append(rng.choice([1, 3, 8, 24, 40]))
+    return prompts, max_tokens
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    """Greedy tokens of transformers' generate, one prompt at a time (no padding effects)."""
+    cache: dict = {}
+
+    def generate(path, prompts, max_tokens):
+        model = cache.get(str(path))
+        if model is None:
+            model = cache[str(path)] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        engine_tok = Engine(path, dtype="float32", device="cpu").tokenizer
+        outs = []
+        for prompt, m in zip(prompts, max_tokens):
+            ids = torch.tensor([engine_tok.encode(prompt)])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m, do_sample=False,
+                                     pad_token_id=model.config.eos_token_id)
+            outs.append(out[0, ids.shape[1]:].tolist())
+        return outs
+
+    return generate
+
+
+ENGINE_VARIANTS = {
+    "sharing": dict(prefix_sharing=True, min_shared_tokens=1),
+    "no-sharing": dict(prefix_sharing=False),
+    "chunked": dict(prefix_sharing=True, max_num_batched_tokens=48),
+    "preempting": dict(prefix_sharing=True, kv_cache_bytes=None, page_size=4),  # KV budget set in the test
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
+def test_greedy_matches_transformers(arch, variant, tiny_llama_dir, tiny_qwen_dir, hf_reference):
+    path = tiny_llama_dir if arch == "llama" else tiny_qwen_dir
+    prompts, max_tokens = _system_document_question(seed=hash(variant) % 100)
+    options = dict(ENGINE_VARIANTS[variant])
+    if variant == "preempting":  # just above the largest request: decodes run the pool dry
+        probe = Engine(path, dtype="float32", device="cpu")
+        longest = max(len(probe.tokenizer.encode(p)) + m for p, m in zip(prompts, max_tokens))
+        a, page_size = probe.args, options["page_size"]
+        options["kv_cache_bytes"] = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * page_size * (longest // page_size + 8)
+    engine = Engine(path, dtype="float32", device="cpu", **options)
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
+    expected = hf_reference(path, prompts, max_tokens)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason in ("stop", "length") and o.error is None for o in outs)
+    stats = engine.last_stats
+    assert stats.requests == len(prompts) and stats.output_tokens == sum(map(len, expected))
+    if variant == "preempting":
+        assert stats.preemptions > 0, "the KV budget was meant to force preemption"
+    if variant == "sharing":
+        assert stats.shared_prefixes >= 2 + 3, "system prompts and documents are shared"
+
+
+def _trie_count(token_lists: list[list[int]]) -> int:
+    trie: dict = {}
+    count = 0
+    for ids in token_lists:
+        node = trie
+        for t in ids:
+            if t not in node:
+                node[t] = {}
+                count += 1
+            node = node[t]
+    return count
+
+
+def test_computed_prompt_tokens_count_each_shared_prefix_once(tiny_llama_dir):
+    rng = random.Random(5)
+    system, docs = [rng.randrange(3, 100) for _ in range(90)], [[rng.randrange(3, 100) for _ in range(60)] for _ in range(3)]
+    prompts = [system + docs[i % 3] + [100 + i] + [rng.randrange(3, 100) for _ in range(rng.randint(0, 9))]
+               for i in range(40)]  # each question starts with its own token
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    shared = Engine(tiny_llama_dir, dtype="float32", device="cpu", min_shared_tokens=1)
+    shared.generate(prompts, params)
+    assert shared.last_stats.computed_prompt_tokens == _trie_count(prompts)
+    assert shared.last_stats.prompt_tokens == sum(map(len, prompts))
+    plain = Engine(tiny_llama_dir, dtype="float32", device="cpu", prefix_sharing=False)
+    plain.generate(prompts, params)
+    assert plain.last_stats.computed_prompt_tokens == sum(map(len, prompts))
+
+
+def test_bad_prompts_fail_alone_and_the_rest_completes(tiny_llama_dir):
+    engine = Engine(tiny_llama_dir, dtype="float32", device="cpu")
+    too_long = "x" * (engine.max_model_len + 5)
+    prompts = ["fine one", None, "", float("nan"), too_long, 42, [1, 2, 3], [10**9], "fine two"]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(outs) == len(prompts)
+    errors = {i: o.error for i, o in enumerate(outs) if o.finish_reason == "error"}
+    assert sorted(errors) == [1, 2, 3, 4, 5, 7]
+    assert "None" in errors[1] and "empty" in errors[2] and "NaN" in errors[3]
+    assert "context" in errors[4] and "vocabulary" in errors[7]
+    for i in (0, 6, 8):
+        assert outs[i].error is None and 1 <= outs[i].completion_tokens <= 4
+    solo = engine.generate(["fine one", "fine two"], SamplingParams(max_tokens=4, temperature=0.0))
+    assert [outs[0].token_ids, outs[8].token_ids] == [o.token_ids for o in solo], "bad rows change nothing"
+
+
+def test_invalid_sampling_and_options_raise_before_work(tiny_llama_dir):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    engine = Engine(tiny_llama_dir, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(["a", "b"], [SamplingParams()])
+    with pytest.raises(ValueError, match="unknown engine option"):
+        Engine(tiny_llama_dir, dtype="float32", device="cpu", page_sise=8)
+
+
+def test_unknown_directory_and_unsupported_architecture(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Engine(tmp_path / "nowhere", device="cpu")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match="gpt2"):
+        Engine(gpt2, device="cpu")
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llama_dir):
+    engine = Engine(tiny_llama_dir, dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    alone = engine.generate(["sample me"], params)[0].token_ids
+    others = [f"other prompt {i}" for i in range(7)]
+    mixed = engine.generate(others[:3] + ["sample me"] + others[3:], [SamplingParams(max_tokens=5)] * 3 + [params]
+                            + [SamplingParams(max_tokens=9, temperature=0.7)] * 4)
+    assert mixed[3].token_ids == alone
+
+
+def test_stop_strings_and_ignore_eos(tiny_llama_dir):
+    engine = Engine(tiny_llama_dir, dtype="float32", device="cpu")
+    free = engine.generate(["tell me"], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and free.completion_tokens == 30
+    stop = free.text[5:7]
+    if stop:
+        cut = engine.generate(["tell me"], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                                          stop=[stop]))[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+
+
+def test_default_model_runs_end_to_end():
+    from batchllm_dask.engine.default_model import default_model_path
+    engine = Engine(default_model_path(), device="cpu")
+    outs = engine.generate(["Hello", "Hello there"], SamplingParams(max_tokens=5, temperature=0.0))
+    assert all(o.finish_reason in ("stop", "length") for o in outs)
+
+
+def test_mistral_checkpoint_loads_and_generates(tmp_path):
+    path = build_tiny_checkpoint(tmp_path / "mistral", arch="mistral")
+    outs = Engine(path, dtype="float32", device="cpu").generate(["hi"], SamplingParams(max_tokens=3, temperature=0))
+    assert outs[0].error is None
