@@ -1,7 +1,8 @@
 """Attention kernels.  They know tensors and index arrays, never requests.
 
 `paged_attention` is the one seam the engine calls: the Triton kernels on CUDA
-(head_dim 64 or 128, fp16/bf16/fp32), the torch reference everywhere else.
+(fp16/bf16/fp32; head_dims that are powers of two from 16 to 256, others fall
+back to the reference with a warning), the torch reference everywhere else.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ __all__ = ["AttentionWork", "paged_attention", "paged_attention_reference", "wri
 
 
 def triton_supported(q: torch.Tensor) -> bool:
-    """Whether the Triton kernels take these queries on this device."""
-    return q.is_cuda and q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    """Whether the Triton path takes these queries (it warns and falls back itself for odd head_dims)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: AttentionWork,

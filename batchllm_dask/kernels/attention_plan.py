@@ -1,0 +1,159 @@
+"""The tile plan of one step's attention: what each program of the fused kernel computes.
+
+The work list (`AttentionWork`) says which query rows attend to which KV
+segment.  The plan cuts it into *tiles*, the unit one program computes for one
+KV head:
+
+    tile = (rows [row0, row0 + n_rows) of one item) x (keys [kv_start, kv_end) of its segment)
+
+* Query blocking: a tile's matrix side packs `n_rows` query rows times the
+  `group` query heads that share a KV head (GQA), so a prefix group's decode
+  queries form one `tl.dot` operand and the prefix is read once per group.
+  Two tile classes share one launch: small tiles (`small_m` = 16 packed rows,
+  a decode suffix) and big tiles (`big_m`, a prefix group or a prefill chunk).
+* Causal clipping: a causal tile's keys stop after its last row's last visible
+  key, so prefill chunks do no work on the masked triangle's far side.
+* Split-K: a segment's keys are cut into splits of `split_len`, chosen so the
+  launch has a few programs per SM even when a batch has few prefix groups.
+* Merge: a row covered by one tile only (a prefill chunk with no shared prefix
+  and no split) is written straight to the output ("direct").  Every other
+  tile writes a normalised partial and its log-sum-exp to a scratch row; the
+  merge launch combines each row's partials, listed in CSR form.
+
+Planning runs on the host with numpy (one device-to-host copy of the work
+list), once per step: the launcher caches the plan of the last work list it
+saw, so all layers of a step share it.  Tiles are sorted longest first, a
+greedy longest-processing-time order for the hardware scheduler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .reference import AttentionWork
+
+# Columns of the int32 tile table.
+ROW0, N_ROWS, KV_START, KV_END, CAUSAL_SHIFT, PAGE_START, PART_BASE, BIG = range(8)
+TILE_FIELDS = 8
+NO_CAUSAL = 2**30  # causal shift of a non-causal tile: every key is visible
+PROGRAMS_PER_SM = 16  # split-K target: programs of equal work per SM (short tiles keep the tail short)
+BIG_M_MAX = 64  # the largest big tile: 128 packs more rows per read of a big group's prefix
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Tiles and merge lists for one work list (tensors on the device of q)."""
+
+    tiles: torch.Tensor  # [num_tiles, TILE_FIELDS] int32, see the column names above
+    merge_rows: torch.Tensor  # [num_merge_rows] int32: rows that need the merge launch
+    merge_ptr: torch.Tensor  # [num_merge_rows + 1] int32: CSR offsets into merge_parts
+    merge_parts: torch.Tensor  # [num_parts] int32: scratch rows of each merge row's partials
+    num_tiles: int
+    num_parts: int
+    num_merge_rows: int
+    has_causal: bool  # some causal item has several rows (with one row, causal changes nothing)
+    small_m: int
+    big_m: int
+    split_len: int
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def tile_sizes(group: int, max_q_len: int) -> tuple[int, int]:
+    """(small_m, big_m): packed rows of the two tile classes; each holds whole query rows."""
+    small_m = max(16, 1 << (group - 1).bit_length())
+    big_m = BIG_M_MAX if max_q_len * group >= BIG_M_MAX else 64
+    return small_m, max(small_m, big_m)
+
+
+def _query_blocks(q_len, kv_len, causal, rows_small, rows_big):
+    """Split every item's rows into blocks: (item, q_off, n_rows, kv_end, big) per block."""
+    big = q_len > rows_small
+    rows_per_block = np.where(big, rows_big, rows_small)
+    n_blocks = np.where((q_len > 0) & (kv_len > 0), _cdiv(q_len, rows_per_block), 0)
+    item = np.repeat(np.arange(len(q_len)), n_blocks)
+    first = np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
+    q_off = (np.arange(len(item)) - first) * rows_per_block[item]
+    n_rows = np.minimum(rows_per_block[item], q_len[item] - q_off)
+    # A causal block's last row sees keys up to kv_len - q_len + q_off + n_rows - 1.
+    causal_end = kv_len[item] - q_len[item] + q_off + n_rows
+    kv_end = np.where(causal[item] != 0, np.clip(causal_end, 0, kv_len[item]), kv_len[item])
+    return item, q_off, n_rows, kv_end, big[item]
+
+
+def choose_split_len(kv_end: np.ndarray, big: np.ndarray, num_kv_heads: int, num_sms: int,
+                     block_n: int) -> int:
+    """Keys per split: the power of two (>= 4 blocks) giving about PROGRAMS_PER_SM programs of work per SM."""
+    cost = kv_end * np.where(big, 2, 1)  # a big tile does more arithmetic per key
+    target_programs = PROGRAMS_PER_SM * num_sms
+    split = max(int(kv_end.max(initial=1)), 1)
+    per_program = int(cost.sum()) * num_kv_heads // target_programs
+    split = min(split, max(per_program, 1))
+    return max(1 << (split - 1).bit_length(), 4 * block_n)
+
+
+def build_plan(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int, block_n: int,
+               device: torch.device) -> AttentionPlan:
+    """Tile the work list (see the module docstring)."""
+    host = [t.cpu().numpy().astype(np.int64) for t in (work.q_start, work.q_len, work.kv_len,
+                                                       work.causal, work.page_start)]
+    q_start, q_len, kv_len, causal, page_start = (a[:work.num_items] for a in host)
+    small_m, big_m = tile_sizes(group, int(q_len.max(initial=0)))
+    item, q_off, n_rows, kv_end, big = _query_blocks(q_len, kv_len, causal, small_m // group, big_m // group)
+    split_len = choose_split_len(kv_end, big, num_kv_heads, num_sms, block_n)
+
+    n_split = _cdiv(kv_end, split_len)
+    blk = np.repeat(np.arange(len(item)), n_split)
+    split_idx = np.arange(len(blk)) - np.repeat(np.cumsum(n_split) - n_split, n_split)
+    it = item[blk]
+    tiles = np.zeros((len(blk), TILE_FIELDS), dtype=np.int64)
+    tiles[:, ROW0] = q_start[it] + q_off[blk]
+    tiles[:, N_ROWS] = n_rows[blk]
+    tiles[:, KV_START] = split_idx * split_len
+    tiles[:, KV_END] = np.minimum(kv_end[blk], tiles[:, KV_START] + split_len)
+    tiles[:, CAUSAL_SHIFT] = np.where(causal[it] != 0, kv_len[it] - q_len[it] + q_off[blk], NO_CAUSAL)
+    tiles[:, PAGE_START] = page_start[it]
+    tiles[:, BIG] = big[blk]
+    tiles = tiles[np.argsort(-(tiles[:, KV_END] - tiles[:, KV_START]) * (1 + tiles[:, BIG]), kind="stable")]
+
+    merge_rows, merge_ptr, merge_parts, num_parts = _merge_lists(tiles, num_rows)
+    to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device, non_blocking=True)  # noqa: E731
+    return AttentionPlan(to_dev(tiles), to_dev(merge_rows), to_dev(merge_ptr), to_dev(merge_parts),
+                         len(tiles), num_parts, len(merge_rows), bool(((causal != 0) & (q_len > 1)).any()), small_m, big_m,
+                         split_len)
+
+
+def _merge_lists(tiles: np.ndarray, num_rows: int):
+    """Give non-direct tiles scratch rows (PART_BASE, in place) and list each merge row's partials.
+
+    A tile is direct (PART_BASE = -1) when each of its rows is covered by it alone.  The
+    merge rows are the rows of non-direct tiles, and the rows covered by no tile (with
+    no partials: the merge writes zeros there, as the reference does).
+    """
+    n_rows = tiles[:, N_ROWS]
+    row_of = np.repeat(tiles[:, ROW0], n_rows) + _ranges(n_rows)
+    cover = np.bincount(row_of, minlength=num_rows)
+    tile_of = np.repeat(np.arange(len(tiles)), n_rows)
+    shared = cover[row_of] > 1
+    tile_shared = np.bincount(tile_of, weights=shared, minlength=len(tiles)) > 0
+    part_rows = np.where(tile_shared, n_rows, 0)
+    tiles[:, PART_BASE] = np.where(tile_shared, np.cumsum(part_rows) - part_rows, -1)
+
+    keep = tile_shared[tile_of]
+    rows, parts = row_of[keep], (tiles[tile_of, PART_BASE] + _ranges(n_rows))[keep]
+    order = np.argsort(rows, kind="stable")
+    rows, parts = rows[order], parts[order]
+    counts = np.bincount(rows, minlength=num_rows)
+    merge_rows = np.flatnonzero((counts > 0) | (cover == 0))
+    counts = counts[merge_rows]
+    merge_ptr = np.concatenate([[0], np.cumsum(counts)])
+    return merge_rows, merge_ptr, parts, int(part_rows.sum())
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: [0..l0), [0..l1), ..."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)

@@ -1,0 +1,286 @@
+"""Fused prefix-shared paged attention (Triton): the whole step's attention in one launch.
+
+Algorithm (BatchLLM, arXiv 2412.03594, section 4).  The work list says which
+query rows attend to which KV segment (reference.py).  `attention_plan` cuts it
+into tiles; one program computes one tile for one KV head:
+
+* its matrix side packs the tile's query rows times the query heads sharing the
+  KV head (GQA, any ratio), so a prefix group's decode queries are one `tl.dot`
+  operand and the prefix KV is read once per group, on the tensor cores;
+* it walks its keys BLOCK_N at a time through the page table (any power-of-two
+  page size), with the online softmax of flash attention in base 2;
+* a tile whose rows it alone covers writes the output; any other writes its
+  normalised partial and log-sum-exp to a scratch row.
+
+Prefix tiles (many rows, non-causal), decode suffix tiles (one row), split-K
+pieces of long prefixes and causal prefill chunks (CAUSAL) all run in the same
+launch: two tile classes, small (SMALL_M packed rows) and big (BIG_M), are two
+instantiations of one tile function behind a run-time branch.  A second, small
+launch merges the partials of each row exactly by their log-sum-exp.
+
+Limits: head_dim a power of two from 16 to 256 (the engine sends 64 and 128;
+others fall back to the reference with a warning), q and the caches of one
+dtype (fp16, bf16 or fp32; fp32 dots are exact, not tf32), the page size a power
+of two, the GQA ratio at most 128.  The plan is built on the host: one
+device-to-host copy of the work list per step (cached for the step's layers).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from . import attention_plan as ap
+from .reference import AttentionWork, paged_attention_reference
+
+_BLOCK_N = 64  # keys per step of a small tile (a decode suffix)
+_BIG_BLOCK_N = 64  # keys per step of a big tile (a prefix group, a prefill chunk)
+_NUM_STAGES = 2
+
+
+@triton.jit
+def _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift, local_row, acc, l_i, m_i,
+                  qk_scale, stride_kp, stride_kt, stride_vp, stride_vt, PAGE_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One step of the online softmax: keys [start, start + BLOCK_N) of the segment, through the page table."""
+    offs_kv = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_kv < kv_end
+    page = tl.load(Page_ids + page_start + offs_kv // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+    slot = offs_kv % PAGE_SIZE
+    k = tl.load(k_base + (page * stride_kp + slot * stride_kt)[:, None], mask=mask_n[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    visible = mask_n[None, :]
+    if CAUSAL:
+        visible = visible & (offs_kv[None, :] <= causal_shift + local_row[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+    p = tl.math.exp2(s - m_base[:, None])
+    alpha = tl.math.exp2(m_i - m_base)
+    v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None], mask=mask_n[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids,
+                 row0, n_rows, kv_start, kv_end, causal_shift, page_start, part_base, kv_head, qk_scale,
+                 stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                 stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    local_row = offs_m // GROUP  # packed row m = (query row, query head of this KV head)
+    head = kv_head * GROUP + offs_m % GROUP
+    mask_m = local_row < n_rows
+    q = tl.load(Q + (row0 + local_row)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = K_cache + kv_head * stride_kh + offs_d[None, :]
+    v_base = V_cache + kv_head * stride_vh + offs_d[None, :]
+    if INTERPRET:  # the interpreter cannot range() over loaded scalars (numpy >= 2)
+        start = kv_start
+        while start < kv_end:
+            acc, l_i, m_i = _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift,
+                                          local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt, stride_vp,
+                                          stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION)
+            start += BLOCK_N
+    else:
+        for start in range(kv_start, kv_end, BLOCK_N):
+            acc, l_i, m_i = _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift,
+                                          local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt, stride_vp,
+                                          stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if part_base < 0:
+        o_ptrs = Out + (row0 + local_row)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        part = (part_base + local_row).to(tl.int64)
+        tl.store(Part_o + part[:, None] * stride_pp + head[:, None] * stride_ph + offs_d[None, :], out,
+                 mask=mask_m[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(Part_lse + part * stride_lp + head, lse, mask=mask_m)
+
+
+@triton.jit
+def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, Tiles, qk_scale,
+                            stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                            stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                            SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
+                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_FIELDS: tl.constexpr,
+                            INTERPRET: tl.constexpr):
+    tile = Tiles + tl.program_id(0) * TILE_FIELDS
+    kv_head = tl.program_id(1)
+    row0 = tl.load(tile + 0)
+    n_rows = tl.load(tile + 1)
+    kv_start = tl.load(tile + 2)
+    kv_end = tl.load(tile + 3)
+    causal_shift = tl.load(tile + 4)
+    page_start = tl.load(tile + 5)
+    part_base = tl.load(tile + 6)
+    big = tl.load(tile + 7)
+    if big != 0:
+        _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, row0, n_rows, kv_start, kv_end,
+                     causal_shift, page_start, part_base, kv_head, qk_scale,
+                     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                     stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                     GROUP, HEAD_DIM, PAGE_SIZE, BIG_M, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET)
+    else:
+        _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, row0, n_rows, kv_start, kv_end,
+                     causal_shift, page_start, part_base, kv_head, qk_scale,
+                     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                     stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                     GROUP, HEAD_DIM, PAGE_SIZE, SMALL_M, SMALL_N, CAUSAL, DOT_PRECISION, INTERPRET)
+
+
+@triton.jit
+def _merge_kernel(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts,
+                  stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per merge row: all its partials, all heads, combined by log-sum-exp (base 2)."""
+    idx = tl.program_id(0)
+    row = tl.load(Merge_rows + idx)
+    first = tl.load(Merge_ptr + idx)
+    last = tl.load(Merge_ptr + idx + 1)
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_h = offs_h < NUM_HEADS
+    m_i = tl.full([HEADS_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS_PAD], tl.float32)
+    acc = tl.zeros([HEADS_PAD, HEAD_DIM], tl.float32)
+    i = first
+    while i < last:  # a handful of partials: no pipelining to lose, and the interpreter can run it
+        part = tl.load(Merge_parts + i).to(tl.int64)
+        i += 1
+        lse = tl.load(Part_lse + part * stride_lp + offs_h, mask=mask_h, other=float("-inf"))
+        o = tl.load(Part_o + part * stride_pp + offs_h[:, None] * stride_ph + offs_d[None, :],
+                    mask=mask_h[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_base)
+        w = tl.math.exp2(lse - m_base)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_i = l_i * alpha + w
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mask_h[:, None])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+_plan_cache: dict = {}  # the last work list seen and its plan: every layer of a step shares it
+
+
+def _plan_for(work: AttentionWork, q: torch.Tensor, num_kv_heads: int) -> ap.AttentionPlan:
+    key = (q.shape[0], q.shape[1], num_kv_heads, q.device, ap.PROGRAMS_PER_SM, ap.BIG_M_MAX)
+    cached = _plan_cache.get("last")
+    if cached is not None and cached[0]() is work and cached[1] == key:
+        return cached[2]
+    plan = ap.build_plan(work, q.shape[0], q.shape[1] // num_kv_heads, num_kv_heads, _num_sms(q.device),
+                         _BLOCK_N, q.device)
+    _plan_cache["last"] = (weakref.ref(work), key, plan)
+    return plan
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(q, k_cache, v_cache, work, sm_scale, out) -> torch.Tensor:
+    """Pick blocks and warps, run the tile launch and (when needed) the merge launch."""
+    t, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    plan = _plan_for(work, q, num_kv_heads)
+    part_o = _empty((max(plan.num_parts, 1), num_heads, head_dim), torch.float32, q.device)
+    part_lse = _empty((max(plan.num_parts, 1), num_heads), torch.float32, q.device)
+    fp32 = q.dtype == torch.float32
+    shrink = 2 if fp32 and head_dim > 64 else 1  # fp32 tiles take twice the registers and shared memory
+    if plan.num_tiles:
+        _paged_attention_kernel[(plan.num_tiles, num_kv_heads)](
+            q, k_cache, v_cache, out, part_o, part_lse, work.page_ids, plan.tiles, sm_scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+            part_o.stride(0), part_o.stride(1), part_lse.stride(0),
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SMALL_M=plan.small_m,
+            BIG_M=plan.big_m, SMALL_N=_BLOCK_N // shrink, BIG_N=_BIG_BLOCK_N // shrink, CAUSAL=plan.has_causal,
+            DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, INTERPRET=_interpreting(),
+            num_warps=8 if plan.big_m >= 128 else 4, num_stages=_NUM_STAGES)
+    if plan.num_merge_rows:
+        _merge_kernel[(plan.num_merge_rows,)](
+            out, part_o, part_lse, plan.merge_rows, plan.merge_ptr, plan.merge_parts,
+            out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
+            NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim, num_warps=4)
+    return out
+
+
+_warned_fallback: set = set()
+
+
+def _supported_head_dim(head_dim: int) -> bool:
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: AttentionWork) -> None:
+    """Assert shapes, strides, dtypes and devices (shared with extend_attention)."""
+    assert q.dim() == 3 and k_cache.dim() == 4, "q [T, Hq, D], caches [pages, page_size, Hkv, D]"
+    assert k_cache.shape == v_cache.shape, "k_cache and v_cache differ in shape"
+    t, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, cache_dim = k_cache.shape
+    assert cache_dim == head_dim, f"head_dim of q ({head_dim}) and the cache ({cache_dim}) differ"
+    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads over {num_kv_heads} KV heads"
+    assert num_heads // num_kv_heads <= 128, "GQA ratio above 128"
+    assert page_size & (page_size - 1) == 0, f"page size {page_size} is not a power of two"
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"dtype {q.dtype}"
+    assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, "q and the caches must share a dtype"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    on_gpu = q.is_cuda or _interpreting()
+    assert on_gpu, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
+    assert k_cache.device == q.device and work.page_ids.device == q.device, "tensors on different devices"
+    assert work.page_ids.dtype == torch.int32, "page_ids must be int32"
+
+
+def run_paged_attention(q, k_cache, v_cache, work, sm_scale, out=None) -> torch.Tensor:
+    """Shared entry of both public functions: checks, fallback for odd head_dims, launch."""
+    check_inputs(q, k_cache, v_cache, work)
+    if not _supported_head_dim(q.shape[2]):
+        if q.shape[2] not in _warned_fallback:
+            _warned_fallback.add(q.shape[2])
+            warnings.warn(f"head_dim {q.shape[2]}: no Triton kernel, using the torch reference", stacklevel=3)
+        result = paged_attention_reference(q, k_cache, v_cache, work, sm_scale)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "out must look like q"
+    if q.shape[0] == 0:
+        return out
+    return _launch(q, k_cache, v_cache, work, sm_scale, out)
+
+
+def fused_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: AttentionWork,
+                          sm_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole step's attention, as `paged_attention_reference` computes it, in two launches.
+
+    q [T, Hq, D]; k_cache, v_cache [num_pages, page_size, Hkv, D] (same dtype as q);
+    work: the step's work list, int32 tensors on q's device.  Returns out [T, Hq, D]
+    (written into `out` when given).  Prefix groups, decode suffixes and causal prefill
+    chunks may be mixed freely.
+    """
+    return run_paged_attention(q, k_cache, v_cache, work, sm_scale, out)
