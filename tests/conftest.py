@@ -1,9 +1,14 @@
 """Shared fixtures: tiny random-weight checkpoints built once per test session (no downloads)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batchllm_dask.engine.default_model import build_tiny_checkpoint
 

@@ -272,3 +272,18 @@ def test_gpu_extend_and_mixed(head_dim, group, page_size):
                         chunk=(1, 600))
     run_case(batch, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size, dtype=torch.bfloat16,
              entry=extend_attention)
+
+
+def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama_dir):
+    """The engine's whole path through the Triton kernels (the interpreter here, CUDA on a GPU):
+    shared prefixes, chunked prefill and decode give the same greedy tokens as the torch reference."""
+    from batchllm_dask.engine import Engine, SamplingParams
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [f"System: be brief.\nDoc: rivers and stones {i % 2}.\nQ{i}: what now?" for i in range(8)]
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    options = dict(dtype="float32", device=device, min_shared_tokens=1, max_num_batched_tokens=64)
+    reference = Engine(tiny_llama_dir, attention_backend="torch", **options).generate(prompts, params)
+    fused_engine = Engine(tiny_llama_dir, attention_backend="triton", **options)
+    fused = fused_engine.generate(prompts, params)
+    assert fused_engine.last_stats.shared_prefixes >= 2
+    assert [o.token_ids for o in fused] == [o.token_ids for o in reference]
