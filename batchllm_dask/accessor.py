@@ -1,0 +1,210 @@
+"""The `.llm` accessor of pandas and Dask DataFrames and Series, and the function form `generate`.
+
+    import dask.dataframe as dd, batchllm_dask
+    out = dd.read_parquet("rows.parquet").llm.generate("prompt", model="/models/llama", max_tokens=64)
+    out.to_parquet("answers.parquet")
+
+A Dask call is lazy: it returns `map_partitions(run_partition, ..., meta=...)`
+over the prefix-aware shuffle of `planning.prefix_shuffle`, with an explicit
+meta, so nothing runs (and no model loads) until the result is computed.
+Arguments are checked here, eagerly: a missing column raises `KeyError`, a bad
+sampling or engine value `ValueError`, an unknown option `TypeError`.
+
+The result has the input's rows, columns and index, plus `output_col`
+("completion"), prompt_tokens, completion_tokens, finish_reason and error.
+A pandas call runs at once and keeps the input's row order.  A Dask result
+keeps every row's index but not the order of rows: rows are grouped by shared
+prefix into new partitions (divisions unknown); `.sort_index()` or a join on
+the index gives the input's order back.  With one output partition (one GPU
+worker) nothing is shuffled and the input's order is kept.
+
+On a cluster whose workers declare GPUs as resources, compute inside
+`batchllm_dask.gpu_resources()` so that generation runs on GPU workers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from .planning import (ERROR, KEY, KEY_LEN, TARGET, TOKENS, drop_internal, prefix_shuffle, restore_index,
+                       token_counts, tokenize)
+from .worker import EngineSpec, cluster_workers, result_meta, run_partition
+
+
+def _dask_dataframe_types() -> tuple[type, type]:
+    import dask.dataframe as dd
+    return dd.DataFrame, dd.Series
+
+
+def _is_dask(obj: Any) -> bool:
+    return isinstance(obj, _dask_dataframe_types())
+
+
+def split_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(SamplingParams, EngineConfig options) from generate's keyword options, both validated now."""
+    from .engine.config import EngineConfig, SamplingParams  # lazy: keeps `import batchllm_dask` light
+    sampling_names, engine_names = set(SamplingParams.field_names()), {f for f in EngineConfig.__dataclass_fields__}
+    unknown = sorted(set(options) - sampling_names - engine_names)
+    if unknown:
+        raise TypeError(f"generate() got unknown options {unknown}; sampling options are "
+                        f"{sorted(sampling_names)}, engine options {sorted(engine_names)}")
+    sampling = SamplingParams(**{k: v for k, v in options.items() if k in sampling_names})
+    engine = {k: v for k, v in options.items() if k in engine_names}
+    EngineConfig(**engine)  # raises ValueError naming the field
+    return sampling, engine
+
+
+def _check_column(columns: Any, name: str) -> None:
+    if name not in columns:
+        raise KeyError(f"column {name!r} not found; the columns are {list(columns)}")
+
+
+def _check_args(output_col: Any, chat: Any, npartitions: Any) -> None:
+    if not isinstance(output_col, str) or not output_col:
+        raise ValueError(f"output_col: must be a non-empty string, got {output_col!r}")
+    if not isinstance(chat, bool):
+        raise ValueError(f"chat: must be a bool, got {chat!r}")
+    if npartitions is not None and not (isinstance(npartitions, int) and npartitions >= 1):
+        raise ValueError(f"npartitions: must be an integer >= 1 or None, got {npartitions!r}")
+
+
+def default_npartitions(ddf: Any) -> int:
+    """One output partition per GPU worker (else per worker) of the current client, else as many as the input.
+
+    Fewer, larger partitions batch better: each partition is one
+    `Engine.generate` call, and a worker runs its partitions one after another.
+    """
+    workers, gpus = cluster_workers()
+    return gpus or workers or ddf.npartitions
+
+
+def _generate_pandas(df: pd.DataFrame, prompt_col: str, spec: EngineSpec, sampling: Any,
+                     chat: bool, output_col: str) -> pd.DataFrame:
+    """All rows in one `Engine.generate` call (the engine shares prefixes across them), in the input's order."""
+    from .planning import tokenize_partition
+    return run_partition(tokenize_partition(df, prompt_col, spec.model, chat), spec, sampling, output_col)
+
+
+def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, chat: bool,
+                   output_col: str, npartitions: int | None) -> Any:
+    n = npartitions or default_npartitions(ddf)
+    tok = tokenize(ddf, prompt_col, spec.model, chat=chat)  # the spec's resolved path
+    meta = result_meta(ddf._meta, output_col)
+    if n == 1:  # one engine call sees every row: nothing to plan, no shuffle
+        return tok.repartition(npartitions=1).map_partitions(run_partition, spec, sampling, output_col, meta=meta)
+    planned = prefix_shuffle(tok, max_tokens=sampling.max_tokens, npartitions=n)
+    names = list(ddf._meta.index.names)
+    return planned.map_partitions(run_partition, spec, sampling, output_col, names, meta=meta, clear_divisions=True)
+
+
+def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "completion", chat: bool = False,
+             npartitions: int | None = None, **options: Any) -> Any:
+    """Every row's completion of `df[prompt_col]`; same kind of object back (see the module docstring).
+
+    prompt_col: a column of text, of token-id lists, or of chat messages
+        (lists of {"role", "content"} dicts); `chat=True` wraps text rows as
+        one user message; messages go through the tokenizer's chat template.
+    model: a local Hugging Face checkpoint directory, loaded once per worker process.
+    options: `SamplingParams` fields (max_tokens, temperature, top_p, top_k,
+        seed, stop, stop_token_ids, ignore_eos) and `EngineConfig` fields
+        (dtype, device, kv_cache_bytes, page_size, ...).
+    npartitions (Dask only): output partitions; default one per (GPU) worker
+        of the current distributed client, else the input's number.
+
+    Bad rows (null, NaN, empty, non-text, too long) get finish_reason "error"
+    and a message in `error`; the other rows complete.
+    """
+    if not isinstance(df, (pd.DataFrame, pd.Series)) and not _is_dask(df):
+        raise TypeError(f"generate() takes a pandas or Dask DataFrame or Series, got {type(df).__name__}")
+    _check_args(output_col, chat, npartitions)
+    sampling, engine_options = split_options(options)
+    spec = EngineSpec.make(str(model), engine_options)
+    if isinstance(df, (pd.Series, _dask_dataframe_types()[1])):
+        frame = df.to_frame(name=_SERIES_PROMPT)
+        out = generate(frame, _SERIES_PROMPT, model, output_col=output_col, chat=chat,
+                       npartitions=npartitions, **options)
+        return out[output_col]
+    _check_column(df.columns, prompt_col)
+    if isinstance(df, pd.DataFrame):
+        return _generate_pandas(df, prompt_col, spec, sampling, chat, output_col)
+    return _generate_dask(df, prompt_col, spec, sampling, chat, output_col, npartitions)
+
+
+def plan(ddf: Any, prompt_col: str, model: str, *, chat: bool = False, max_tokens: int = 16,
+         npartitions: int | None = None) -> Any:
+    """The partitions `generate` would run, lazily: the input plus prefix_key, prefix_len, partition, error.
+
+    Rows of one shared prefix (same `prefix_key`, 0 for a row that shares
+    nothing) are in one partition unless their group is larger than a partition.
+    """
+    _check_args("x", chat, npartitions)
+    _check_column(ddf.columns, prompt_col)
+    n = npartitions or default_npartitions(ddf)
+    tok = tokenize(ddf, prompt_col, EngineSpec.make(str(model), {}).model, chat=chat)
+    planned = prefix_shuffle(tok, max_tokens=max_tokens, npartitions=n)
+    meta = _plan_view(planned._meta.assign(**{TARGET: planned._meta.index}), list(ddf._meta.index.names))
+    return planned.map_partitions(_plan_partition, list(ddf._meta.index.names), meta=meta, clear_divisions=True)
+
+
+def _plan_partition(part: pd.DataFrame, names: list[Any]) -> pd.DataFrame:
+    return _plan_view(part.assign(**{TARGET: part.index.to_numpy()}), names)
+
+
+def _plan_view(part: pd.DataFrame, names: list[Any]) -> pd.DataFrame:
+    view = drop_internal(part).assign(prompt_tokens=token_counts(part[TOKENS]),
+                                      prefix_key=part[KEY], prefix_len=part[KEY_LEN],
+                                      partition=part[TARGET].astype("int64"), error=part[ERROR])
+    return restore_index(view, names)
+
+
+_SERIES_PROMPT = "_bl_prompt"
+
+
+class LLMAccessor:
+    """`df.llm`: LLM generation over the rows of a pandas or Dask DataFrame."""
+
+    def __init__(self, obj: Any) -> None:
+        # Raise TypeError, never AttributeError: attribute lookup would swallow the latter.
+        if not isinstance(obj, pd.DataFrame) and not _is_dask(obj):
+            raise TypeError(f".llm needs a pandas or Dask DataFrame, got {type(obj).__name__}")
+        self._obj = obj
+
+    def generate(self, prompt_col: str, model: str, *, output_col: str = "completion", chat: bool = False,
+                 npartitions: int | None = None, **options: Any) -> Any:
+        """Each row's completion of `prompt_col`; see `batchllm_dask.generate`."""
+        return generate(self._obj, prompt_col, model, output_col=output_col, chat=chat,
+                        npartitions=npartitions, **options)
+
+    def plan(self, prompt_col: str, model: str, *, chat: bool = False, max_tokens: int = 16,
+             npartitions: int | None = None) -> Any:
+        """The prefix-aware partitions `generate` runs (Dask only); see `batchllm_dask.accessor.plan`."""
+        if not _is_dask(self._obj):
+            raise TypeError("plan() shows how a Dask DataFrame is partitioned; a pandas frame runs as one batch")
+        return plan(self._obj, prompt_col, model, chat=chat, max_tokens=max_tokens, npartitions=npartitions)
+
+
+class LLMSeriesAccessor:
+    """`series.llm`: LLM generation over a Series of prompts; returns the completions as a Series."""
+
+    def __init__(self, obj: Any) -> None:
+        if not isinstance(obj, pd.Series) and not _is_dask(obj):
+            raise TypeError(f".llm needs a pandas or Dask Series, got {type(obj).__name__}")
+        self._obj = obj
+
+    def generate(self, model: str, *, output_col: str = "completion", chat: bool = False,
+                 npartitions: int | None = None, **options: Any) -> Any:
+        """The completion of every prompt of the Series, named `output_col`, with the Series' index."""
+        return generate(self._obj, _SERIES_PROMPT, model, output_col=output_col, chat=chat,
+                        npartitions=npartitions, **options)
+
+
+def _register() -> None:
+    import dask.dataframe.extensions as dx
+    pd.api.extensions.register_dataframe_accessor("llm")(LLMAccessor)
+    pd.api.extensions.register_series_accessor("llm")(LLMSeriesAccessor)
+    dx.register_dataframe_accessor("llm")(LLMAccessor)
+    dx.register_series_accessor("llm")(LLMSeriesAccessor)
+
+
+_register()

@@ -1,0 +1,202 @@
+"""Per-process engine and tokenizer caches, and the partition runner.
+
+A Dask worker process runs many partitions.  Loading a model for each would
+cost more than generating, so every process keeps its `Engine` in a module
+level cache keyed by `EngineSpec` (model path + engine options): the first
+partition loads it, every later partition of that process reuses it.  Only one
+engine is kept per process, because an engine takes most of the GPU's memory
+for its KV pool: asking for another spec releases the previous one.
+
+The same cache serves Dask's threaded scheduler (no cluster) and the pandas
+path; a lock per engine serializes `generate` calls, which are not thread-safe
+and gain nothing from running side by side on one device.
+
+`engine_loads()` tells how many engines this process has built; tests call it
+on every worker with `client.run(engine_loads)`.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What identifies an engine: the checkpoint directory and the `EngineConfig` options.
+
+    `options` is a sorted tuple of (name, value) pairs so that the spec hashes
+    and pickles cheaply (it travels inside every task of the graph).
+    """
+
+    model: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, model: str, options: dict[str, Any]) -> "EngineSpec":
+        """A spec whose model path is absolute where it exists here (workers may run elsewhere in the tree)."""
+        path = Path(model).expanduser()
+        return cls(str(path.resolve()) if path.exists() else str(model), tuple(sorted(options.items())))
+
+    def build(self) -> Any:
+        from .engine import Engine  # torch is imported here, on the worker, not by the client
+        return Engine(self.model, **dict(self.options))
+
+
+@dataclass
+class _Cached:
+    spec: EngineSpec
+    engine: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_cache_lock = threading.Lock()
+_engine: _Cached | None = None
+_loads = 0
+_tokenizers: dict[str, tuple[Any, threading.Lock]] = {}
+
+
+def get_engine(spec: EngineSpec) -> _Cached:
+    """This process's engine for `spec`, built on first use (and the lock guarding it)."""
+    global _engine, _loads
+    with _cache_lock:
+        if _engine is None or _engine.spec != spec:
+            if _engine is not None:  # free the previous engine's weights and KV pool before the next loads
+                _engine = None
+                _release_memory()
+            _engine = _Cached(spec, spec.build())
+            _loads += 1
+        return _engine
+
+
+def engine_loads() -> int:
+    """How many engines this process has built (a test reads it on each worker)."""
+    return _loads
+
+
+def clear_engine() -> None:
+    """Drop this process's engine (frees its weights and KV pool)."""
+    global _engine
+    with _cache_lock:
+        _engine = None
+        _release_memory()
+
+
+def _release_memory() -> None:
+    import gc
+    import sys
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def get_tokenizer(model: str) -> tuple[Any, threading.Lock]:
+    """This process's tokenizer of `model` and a lock: a fast tokenizer is not safe across threads."""
+    with _cache_lock:
+        if model not in _tokenizers:
+            from .engine.loader import load_tokenizer
+            _tokenizers[model] = (load_tokenizer(model), threading.Lock())
+        return _tokenizers[model]
+
+
+def run_partition(part: pd.DataFrame, spec: EngineSpec, sampling: Any, output_col: str,
+                  index_names: list[Any] | None = None) -> pd.DataFrame:
+    """Generate every row of a planned partition: token ids in, completion columns out.
+
+    `part` carries the token ids (`planning.TOKENS`) and any tokenization error
+    (`planning.ERROR`).  Rows without an error go to one `Engine.generate` call;
+    the rest keep their error.  The internal columns are dropped and, when
+    `index_names` is given, the original index (stashed by the planner before
+    the shuffle) is restored.
+    """
+    ids = token_arrays(part[TOKENS])
+    errors = part[ERROR].tolist()
+    todo = [i for i, e in enumerate(errors) if not isinstance(e, str)]
+    results: list[Any] = [None] * len(part)
+    if todo:
+        cached = get_engine(spec)
+        prompts = [ids[i].tolist() for i in todo]
+        with cached.lock:
+            outs = cached.engine.generate(prompts, sampling)
+        for i, out in zip(todo, outs):
+            results[i] = out
+    out = drop_internal(part).assign(**result_columns(part.index, results, errors, output_col))
+    return restore_index(out, index_names) if index_names is not None else out
+
+
+def result_columns(index: pd.Index, results: list[Any], errors: list[Any], output_col: str) -> dict[str, pd.Series]:
+    """The completion columns: engine results where there are some, else the row's error."""
+    def col(values: list[Any], dtype: str) -> pd.Series:
+        return pd.Series(values, index=index, dtype=dtype)
+    ok = [r is not None for r in results]
+    return {
+        output_col: col([r.text if r is not None and r.finish_reason != "error" else None for r in results], "str"),
+        "prompt_tokens": col([r.prompt_tokens if k else 0 for r, k in zip(results, ok)], "int64"),
+        "completion_tokens": col([r.completion_tokens if k else 0 for r, k in zip(results, ok)], "int64"),
+        "finish_reason": col([r.finish_reason if k else "error" for r, k in zip(results, ok)], "str"),
+        "error": col([r.error if k else e for r, k, e in zip(results, ok, errors)], "str"),
+    }
+
+
+def result_meta(meta: pd.DataFrame, output_col: str) -> pd.DataFrame:
+    """`meta` plus the completion columns, with the dtypes `run_partition` produces."""
+    return meta.assign(**result_columns(meta.index, [], [], output_col))
+
+
+# ----------------------------------------------------------------------------- GPU placement
+
+def _current_client(client: Any = None) -> Any:
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def cluster_workers(client: Any = None) -> tuple[int, int]:
+    """(workers, workers declaring a "GPU" resource) of the current distributed client; (0, 0) without one."""
+    client = _current_client(client)
+    if client is None:
+        return 0, 0
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    gpus = sum(1 for w in workers.values() if (w.get("resources") or {}).get("GPU", 0) >= 1)
+    return len(workers), gpus
+
+
+@contextmanager
+def gpu_resources(client: Any = None) -> Iterator[bool]:
+    """Run what is computed inside on GPU workers, one task per GPU at a time.
+
+        with batchllm_dask.gpu_resources():
+            out.to_parquet("answers.parquet")
+
+    When the current `distributed` client's workers declare a "GPU" resource
+    (`LocalCluster(resources={"GPU": 1})`, `dask-worker --resources GPU=1`)
+    this enters `dask.annotate(resources={"GPU": 1})`; otherwise (no cluster,
+    no GPU resources, `dask_cuda.LocalCUDACluster` with one worker per GPU and
+    one thread) it does nothing.  Under dask-expr annotations take effect when
+    the graph is submitted, so the `compute`/`to_parquet` call itself must be
+    inside the block, and they apply to every task of that graph: reading,
+    tokenizing and shuffling also run on the GPU workers, which is where the
+    rows must go anyway.  Yields whether the annotation was applied.
+    """
+    import dask
+
+    if cluster_workers(client)[1] == 0:
+        yield False
+        return
+    with dask.annotate(resources={"GPU": 1}), warnings.catch_warnings():
+        # dask-expr warns that annotations are ignored whenever a collection is built inside the block
+        # (to_parquet builds some); the client still applies them when it submits the graph.
+        warnings.filterwarnings("ignore", message="Dask annotations .* detected")
+        yield True

@@ -1,0 +1,151 @@
+"""End to end on a distributed.LocalCluster of 2 worker processes, with the real engine on a tiny checkpoint.
+
+The workers declare a "GPU" resource (as GPU workers would), so every compute
+runs inside `batchllm_dask.gpu_resources()`, which annotates the graph with
+resources={"GPU": 1}; the engine itself runs on the CPU.
+"""
+from __future__ import annotations
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+import batchllm_dask
+import batchllm_dask.planning
+from batchllm_dask.engine import Engine, SamplingParams
+from batchllm_dask.worker import engine_loads
+
+distributed = pytest.importorskip("distributed")
+
+ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20}
+SAMPLING = {"max_tokens": 6, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def prompts(seed: int = 0) -> pd.DataFrame:
+    """Four instruction blocks of different sizes, unshared rows, bad rows; rows in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    rows: list[object] = []
+    group: list[int] = []
+    for b, size in enumerate([10, 6, 4, 2]):
+        block = f"Task {b}: read the product review and answer positive or negative, with one reason. " * 2
+        for i in range(size):
+            rows.append(block + f"Review {b}.{i}: " + "fine " * int(rng.integers(1, 5)))
+            group.append(b)
+    for i in range(4):
+        rows.append(f"{i} unrelated question number {i}?")
+        group.append(-1)
+    rows += [None, "", 7, "z" * 2100]
+    group += [-2] * 4
+    df = pd.DataFrame({"prompt": pd.Series(rows, dtype=object), "group": group})
+    df.index = pd.Index(np.arange(len(df)) * 10 + 5, name="key")
+    return df.sample(frac=1.0, random_state=seed)
+
+
+def to_dask(df: pd.DataFrame, npartitions: int) -> dd.DataFrame:
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_pandas(df, npartitions=npartitions)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir) -> str:
+    return str(tiny_llama_dir)
+
+
+def test_generate_tasks_carry_the_gpu_resource_when_workers_declare_gpus(client, model):
+    out = to_dask(prompts(), 2).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+    with batchllm_dask.gpu_resources() as annotated:
+        assert annotated is True and dask.get_annotations()["resources"] == {"GPU": 1}
+        persisted = out.persist()
+    distributed.wait(persisted)
+    tasks = client.cluster.scheduler.tasks
+    keys = [k for k in tasks if "run_partition" in str(k)]
+    assert keys and all(tasks[k].resource_restrictions == {"GPU": 1} for k in keys)
+    del persisted
+
+
+def test_completions_match_the_direct_engine_call_row_for_row(client, model):
+    df = prompts()
+    out = to_dask(df, 4).llm.generate("prompt", model, npartitions=3, **SAMPLING, **ENGINE)
+    with batchllm_dask.gpu_resources():
+        result = out.compute()
+    direct = Engine(model, **ENGINE).generate(df["prompt"].tolist(), SamplingParams(**SAMPLING))
+    result = result.loc[df.index]
+    assert len(result) == len(df)
+    assert result["finish_reason"].tolist() == [o.finish_reason for o in direct]
+    ok = (result["finish_reason"] != "error").to_numpy()
+    assert result["completion"][ok].tolist() == [o.text for o, k in zip(direct, ok) if k]
+    assert result["prompt_tokens"][ok].tolist() == [o.prompt_tokens for o, k in zip(direct, ok) if k]
+    pd.testing.assert_frame_equal(result[df.columns], df)
+
+
+def test_rows_sharing_a_prefix_run_in_the_same_partition(client, model):
+    df = prompts(1)
+    planned = to_dask(df, 4).llm.plan("prompt", model, npartitions=3, max_tokens=SAMPLING["max_tokens"])
+    with batchllm_dask.gpu_resources():
+        parts = [planned.get_partition(i).compute() for i in range(planned.npartitions)]
+    rows = pd.concat(parts)
+    assert sorted(rows.index) == sorted(df.index)
+    assert all((p["partition"] == i).all() for i, p in enumerate(parts))
+    shared = rows[rows["group"] >= 0]
+    assert (shared.groupby("group")["prefix_key"].nunique() == 1).all()   # one key per instruction block
+    assert (shared["prefix_key"] != 0).all() and (rows[rows["group"] < 0]["prefix_key"] == 0).all()
+    # Each group is smaller than a partition here, so each group runs in exactly one partition.
+    assert (shared.groupby("group")["partition"].nunique() == 1).all()
+    assert shared.groupby("partition")["prompt_tokens"].size().size >= 2  # and the groups are spread out
+
+
+def test_the_engine_is_loaded_once_per_worker(client, model):
+    df = prompts(2)
+    for npartitions in (4, 3):  # two jobs, seven partitions, one engine spec
+        out = to_dask(df, 4).llm.generate("prompt", model, npartitions=npartitions, **SAMPLING, **ENGINE)
+        with batchllm_dask.gpu_resources():
+            out.compute()
+    loads = client.run(engine_loads)
+    assert len(loads) == 2 and max(loads.values()) == 1 and sum(loads.values()) >= 1
+
+
+def test_bad_rows_error_and_their_neighbours_complete(client, model):
+    df = prompts(3)
+    out = to_dask(df, 3).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+    with batchllm_dask.gpu_resources():
+        result = out.compute().loc[df.index]
+    bad = result["group"] == -2
+    assert (result.loc[bad, "finish_reason"] == "error").all() and result.loc[bad, "error"].notna().all()
+    assert (result.loc[~bad, "finish_reason"] != "error").all() and (result.loc[~bad, "completion_tokens"] > 0).all()
+    assert len(result) == len(df)
+
+
+def test_the_pandas_path_gives_the_same_frame(client, model):
+    df = prompts(4)
+    expected = df.llm.generate("prompt", model, **SAMPLING, **ENGINE)
+    out = to_dask(df, 4).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+    with batchllm_dask.gpu_resources():
+        result = out.compute()
+    pd.testing.assert_frame_equal(result.loc[df.index], expected)
+
+
+def test_default_partitions_are_one_per_gpu_worker(client, model):
+    out = to_dask(prompts(), 4).llm.generate("prompt", model, **SAMPLING)
+    assert out.npartitions == 2
+
+
+def test_a_string_column_goes_through_the_p2p_shuffle(client, model):
+    df = prompts(5)
+    df = df[df["group"] >= -1].assign(prompt=lambda d: d["prompt"].astype(str))
+    ddf = dd.from_pandas(df, npartitions=4)  # Dask's own string dtype: Arrow-safe, so P2P is used
+    assert batchllm_dask.planning.shuffle_method(ddf._meta) is None
+    assert dask.config.get("dataframe.shuffle.method", None) in (None, "p2p")
+    out = ddf.llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+    with batchllm_dask.gpu_resources():
+        result = out.compute()
+    expected = df.llm.generate("prompt", model, **SAMPLING, **ENGINE)
+    pd.testing.assert_frame_equal(result.loc[df.index].drop(columns="prompt"), expected.drop(columns="prompt"))
