@@ -81,6 +81,11 @@ def engine_loads() -> int:
     return _loads
 
 
+def engine_stats() -> Any:
+    """The `last_stats` of this process's engine (None before its first call): read with `client.run`."""
+    return _engine.engine.last_stats if _engine is not None else None
+
+
 def clear_engine() -> None:
     """Drop this process's engine (frees its weights and KV pool)."""
     global _engine
