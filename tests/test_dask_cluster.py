@@ -149,3 +149,32 @@ def test_a_string_column_goes_through_the_p2p_shuffle(client, model):
         result = out.compute()
     expected = df.llm.generate("prompt", model, **SAMPLING, **ENGINE)
     pd.testing.assert_frame_equal(result.loc[df.index].drop(columns="prompt"), expected.drop(columns="prompt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cluster_kind", ["LocalCluster", "LocalCUDACluster"])
+def test_gpu_cluster_matches_the_direct_engine_call(cluster_kind, tmp_path):
+    """On a GPU machine: one GPU worker (a LocalCluster declaring GPU=1, or dask_cuda's LocalCUDACluster)
+    runs the engine on CUDA and gives the direct engine call's completions row for row."""
+    from batchllm_dask.engine.default_model import DEFAULT_MODEL_OVERRIDES, build_tiny_checkpoint
+    path = str(build_tiny_checkpoint(tmp_path / "gpu-tiny", **DEFAULT_MODEL_OVERRIDES))
+    engine = {"dtype": "float32", "device": "cuda", "kv_cache_bytes": 1 << 30}
+    df = prompts(3)
+    if cluster_kind == "LocalCluster":
+        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                                           dashboard_address=None)
+    else:
+        cluster = pytest.importorskip("dask_cuda").LocalCUDACluster(n_workers=1, threads_per_worker=1,
+                                                                    dashboard_address=None)
+    with cluster, distributed.Client(cluster) as c:
+        out = to_dask(df, 3).llm.generate("prompt", path, **SAMPLING, **engine)
+        with batchllm_dask.gpu_resources():
+            result = out.compute()
+        assert sum(c.run(engine_loads).values()) == 1
+    direct = Engine(path, **engine).generate(df["prompt"].tolist(), SamplingParams(**SAMPLING))
+    result = result.loc[df.index]
+    assert result["finish_reason"].tolist() == [o.finish_reason for o in direct]
+    ok = (result["finish_reason"] != "error").to_numpy()
+    assert ok.sum() == len(df) - 4, "only the four bad rows fail"
+    assert result["completion"][ok].tolist() == [o.text for o, k in zip(direct, ok) if k]
