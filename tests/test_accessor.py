@@ -17,6 +17,7 @@ import pytest
 import batchllm_dask
 from batchllm_dask import LLMAccessor
 from batchllm_dask.engine import Engine, SamplingParams
+from _helpers import to_dask
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20}
 SAMPLING = {"max_tokens": 6, "temperature": 0.0}
@@ -41,12 +42,6 @@ def frame(prompts: list[object]) -> pd.DataFrame:
     df = pd.DataFrame({"prompt": pd.Series(prompts, dtype=object), "row": np.arange(len(prompts))})
     df.index = pd.Index([f"id{i}" for i in range(len(prompts))], name="rid")
     return df
-
-
-def to_dask(df: pd.DataFrame, npartitions: int) -> dd.DataFrame:
-    # Keep the object column as it is: Dask would turn the non-text rows into strings.
-    with dask.config.set({"dataframe.convert-string": False}):
-        return dd.from_pandas(df, npartitions=npartitions)
 
 
 @pytest.fixture(scope="module")

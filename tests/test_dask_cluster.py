@@ -15,6 +15,7 @@ import pytest
 import batchllm_dask
 import batchllm_dask.planning
 from batchllm_dask.engine import Engine, SamplingParams
+from _helpers import to_dask
 from batchllm_dask.worker import engine_loads
 
 distributed = pytest.importorskip("distributed")
@@ -48,11 +49,6 @@ def prompts(seed: int = 0) -> pd.DataFrame:
     df = pd.DataFrame({"prompt": pd.Series(rows, dtype=object), "group": group})
     df.index = pd.Index(np.arange(len(df)) * 10 + 5, name="key")
     return df.sample(frac=1.0, random_state=seed)
-
-
-def to_dask(df: pd.DataFrame, npartitions: int) -> dd.DataFrame:
-    with dask.config.set({"dataframe.convert-string": False}):
-        return dd.from_pandas(df, npartitions=npartitions)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from batchllm_dask.engine import Engine, SamplingParams
 from batchllm_dask.engine.default_model import build_tiny_checkpoint
+from _helpers import trie_count
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -88,19 +89,6 @@ def test_greedy_matches_transformers(arch, variant, tiny_llama_dir, tiny_qwen_di
         assert stats.shared_prefixes >= 2 + 3, "system prompts and documents are shared"
 
 
-def _trie_count(token_lists: list[list[int]]) -> int:
-    trie: dict = {}
-    count = 0
-    for ids in token_lists:
-        node = trie
-        for t in ids:
-            if t not in node:
-                node[t] = {}
-                count += 1
-            node = node[t]
-    return count
-
-
 def test_computed_prompt_tokens_count_each_shared_prefix_once(tiny_llama_dir):
     rng = random.Random(5)
     system, docs = [rng.randrange(3, 100) for _ in range(90)], [[rng.randrange(3, 100) for _ in range(60)] for _ in range(3)]
@@ -109,7 +97,7 @@ def test_computed_prompt_tokens_count_each_shared_prefix_once(tiny_llama_dir):
     params = SamplingParams(max_tokens=2, temperature=0.0)
     shared = Engine(tiny_llama_dir, dtype="float32", device="cpu", min_shared_tokens=1)
     shared.generate(prompts, params)
-    assert shared.last_stats.computed_prompt_tokens == _trie_count(prompts)
+    assert shared.last_stats.computed_prompt_tokens == trie_count(prompts)
     assert shared.last_stats.prompt_tokens == sum(map(len, prompts))
     plain = Engine(tiny_llama_dir, dtype="float32", device="cpu", prefix_sharing=False)
     plain.generate(prompts, params)

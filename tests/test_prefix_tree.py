@@ -7,20 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchllm_dask.engine.prefix_tree import PrefixPlan, build_prefix_plan
-
-
-def _trie_tokens(prompts: list[list[int]]) -> int:
-    """Distinct nodes of the plain (uncompressed) trie of the prompts."""
-    trie: dict = {}
-    count = 0
-    for p in prompts:
-        node = trie
-        for t in p:
-            if t not in node:
-                node[t] = {}
-                count += 1
-            node = node[t]
-    return count
+from _helpers import trie_count
 
 
 def _three_level_prompts(rng: random.Random) -> list[list[int]]:
@@ -50,7 +37,7 @@ def test_three_levels_are_found_and_nested():
 def test_computed_tokens_equal_distinct_trie_tokens():
     prompts = _three_level_prompts(random.Random(2))
     plan = build_prefix_plan(prompts, min_shared_tokens=1)
-    assert plan.computed_prompt_tokens([len(p) for p in prompts]) == _trie_tokens(prompts)
+    assert plan.computed_prompt_tokens([len(p) for p in prompts]) == trie_count(prompts)
 
 
 def test_unshared_plan_computes_every_token():
