@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import SamplingParams
 
 
@@ -46,18 +48,16 @@ def _as_params(value: SamplingParams | Mapping) -> SamplingParams:
 
 
 def prepare_prompt(prompt: object, tokenizer, vocab_size: int, max_model_len: int) -> PreparedPrompt:
-    """Token ids for a text prompt or a list of ids, or the reason it is refused."""
+    """Token ids for a text prompt or a sequence of ids, or the reason it is refused."""
     if isinstance(prompt, str):
         if not prompt:
             return PreparedPrompt([], "empty prompt")
         ids = list(tokenizer.encode(prompt))
-    elif _is_token_list(prompt):
-        ids = [int(t) for t in prompt]  # type: ignore[union-attr]
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            return PreparedPrompt([], f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}")
     else:
-        return PreparedPrompt([], f"prompt must be a string or a list of token ids, got {_describe(prompt)}")
+        ids_or_error = _token_ids(prompt, vocab_size)
+        if isinstance(ids_or_error, str):
+            return PreparedPrompt([], ids_or_error)
+        ids = ids_or_error
     if not ids:
         return PreparedPrompt([], "empty prompt")
     if len(ids) >= max_model_len:
@@ -66,14 +66,22 @@ def prepare_prompt(prompt: object, tokenizer, vocab_size: int, max_model_len: in
     return PreparedPrompt(ids)
 
 
-def _is_token_list(value: object) -> bool:
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__") or not hasattr(value, "__len__"):
-        return False
-    return all(_is_int_like(t) for t in value)  # type: ignore[union-attr]
-
-
-def _is_int_like(value: object) -> bool:
-    return hasattr(value, "__index__") and not isinstance(value, bool)
+def _token_ids(prompt: object, vocab_size: int) -> list[int] | str:
+    """A sequence of integer ids as a list (checked in numpy: prompts can be long), or an error message."""
+    if isinstance(prompt, (bytes, Mapping)) or not hasattr(prompt, "__len__") or not hasattr(prompt, "__iter__"):
+        return f"prompt must be a string or a list of token ids, got {_describe(prompt)}"
+    try:
+        ids = np.asarray(prompt)
+    except (TypeError, ValueError):
+        ids = np.asarray([], dtype=object)
+    if ids.size == 0 and len(prompt) == 0:  # type: ignore[arg-type]
+        return []
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        return f"prompt must be a string or a list of token ids, got {_describe(prompt)}"
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        return f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5].tolist()}"
+    return ids.tolist()
 
 
 def _describe(value: object) -> str:

@@ -87,12 +87,11 @@ class ModelRunner:
 
     def _add_tokens(self, rows: _Rows, chunk: Chunk) -> int:
         """Append a chunk's tokens; returns its first row."""
-        seq, first = chunk.seq, len(rows.input_ids)
-        size = self.page_size
-        for i in range(chunk.start, chunk.start + chunk.length):
-            rows.input_ids.append(seq.tokens[i])
-            rows.positions.append(seq.start + i)
-            rows.slots.append(seq.pages[i // size] * size + i % size)
+        seq, first, size = chunk.seq, len(rows.input_ids), self.page_size
+        span = range(chunk.start, chunk.start + chunk.length)
+        rows.input_ids.extend(seq.tokens[chunk.start:chunk.start + chunk.length])
+        rows.positions.extend(range(seq.start + span.start, seq.start + span.stop))
+        rows.slots.extend([seq.pages[i // size] * size + i % size for i in span])
         if chunk.samples:
             rows.logits_rows.append(len(rows.input_ids) - 1)
         return first
