@@ -78,8 +78,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype,
     if missing:
         raise ValueError(f"checkpoint {Path(path)} is missing {len(missing)} tensors, e.g. {missing[:5]}")
     model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors  # the model holds the only references now, so fusing frees the separate projections
     if args.tie_word_embeddings:
         model.tie_weights()
+    model.fuse_projections()
     return model.to(device).eval(), args
 
 

@@ -9,6 +9,13 @@ activation dtype, SiLU-gated MLP) so that greedy tokens match HF's `generate`.
 The model sees packed tokens, not [batch, seq] tensors: one `ForwardBatch` of
 T tokens from many requests, with attention done over the paged KV pool by
 `kernels.paged_attention` (the one attention seam).
+
+A decode step on a fast GPU is bound by launch overhead, so on CUDA in fp16/bf16
+a layer is about ten launches: fused q/k/v and gate/up matmuls (the loader calls
+`fuse_projections`), and the Triton ops of `kernels.fused_ops` (add + RMSNorm,
+RoPE + KV store, SiLU * up).  The residual stream travels beside the hidden
+state and is added inside the next norm (vLLM's `RMSNorm(x, residual)`).  fp32
+and the CPU run the same steps as eager torch ops (`kernels.reference`).
 """
 from __future__ import annotations
 
@@ -17,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import paged_attention, write_kv
+from ..kernels import paged_attention
+from ..kernels.reference import rms_norm_reference, rope_and_store_kv_reference, silu_and_mul_reference
 from .batch import ForwardBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -185,58 +192,100 @@ def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (HF layout).  x: [T, H, D]; cos, sin: [T, D/2] already in x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        # float32 statistics, cast back before the weight: HF's exact order of operations.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor]:
+        """(RMSNorm(x + residual), x + residual); float32 statistics, cast back before the weight (HF's order)."""
+        if fused:
+            from ..kernels.fused_ops import rms_norm  # triton loads only where it runs
+            return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm_reference(x, self.weight, self.eps, residual)
+
+
+def _concat_linears(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side (their weights and biases concatenated)."""
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      device="meta")  # no init: the parameters are replaced below
+    with torch.no_grad():
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), first.weight.requires_grad)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), first.bias.requires_grad)
+    return fused
 
 
 class Attention(nn.Module):
+    """HF's q/k/v_proj until `fuse_projections` turns them into one qkv_proj (rows [q | k | v])."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.sm_scale = args.head_dim ** -0.5
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.split_sizes = [q_dim, kv_dim, kv_dim]
         self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_bias)
+        self.is_fused = False
+
+    def fuse_projections(self) -> None:
+        if not self.is_fused:
+            self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj  # the only references: their memory goes
+            self.is_fused = True
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D]; views into one buffer when fused."""
+        t = x.shape[0]
+        if self.is_fused:
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim),
+                v.view(t, self.num_kv_heads, self.head_dim))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, k_cache: Tensor,
-                v_cache: Tensor, backend: str) -> Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # q: [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # k: [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+                v_cache: Tensor, backend: str, fused: bool) -> Tensor:
+        q, k, v = self.project(x)
+        if fused:
+            from ..kernels.fused_ops import rope_and_store_kv
+            q = rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping, out=q)  # q in place
+        else:
+            q = rope_and_store_kv_reference(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, batch.attention, self.sm_scale, backend)  # o: [T, Hq, D]
-        return self.o_proj(o.reshape(t, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
+    """HF's gate/up_proj until `fuse_projections` turns them into one gate_up_proj (rows [gate | up])."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.is_fused = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse_projections(self) -> None:
+        if not self.is_fused:
+            self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
+            self.is_fused = True
+
+    def forward(self, x: Tensor, fused: bool) -> Tensor:
+        if self.is_fused:
+            gate_up = self.gate_up_proj(x)  # [T, 2I]
+        else:
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+        if fused:
+            from ..kernels.fused_ops import silu_and_mul
+            return self.down_proj(silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul_reference(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -247,10 +296,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, k_cache: Tensor,
-                v_cache: Tensor, backend: str) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, k_cache, v_cache, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor, batch: ForwardBatch,
+                k_cache: Tensor, v_cache: Tensor, backend: str, fused: bool) -> tuple[Tensor, Tensor]:
+        """h: the previous layer's MLP output (layer 0: the embeddings, residual None) -> (this layer's, residual).
+
+        The residual stream is h + residual, summed inside the next norm: HF's `h = h + f(norm(h))`, reordered.
+        """
+        x, residual = self.input_layernorm(h, residual, fused)
+        h = self.self_attn(x, cos, sin, batch, k_cache, v_cache, backend, fused)
+        x, residual = self.post_attention_layernorm(h, residual, fused)
+        return self.mlp(x, fused), residual
 
 
 class DecoderModel(nn.Module):
@@ -267,11 +322,15 @@ class CausalLM(nn.Module):
     """Decoder + LM head over packed tokens and a paged KV pool.
 
     k_cache, v_cache: [num_layers, num_pages, page_size, num_kv_heads, head_dim].
+    fused: None picks the Triton ops of `kernels.fused_ops` for CUDA fp16/bf16
+    activations and eager torch otherwise; True or False forces them (tests; on
+    the CPU True needs TRITON_INTERPRET=1).
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fused: bool | None = None):
         super().__init__()
         self.args = args
+        self.fused = fused
         self.model = DecoderModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -284,16 +343,35 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse_projections(self) -> None:
+        """One qkv_proj and one gate_up_proj matmul per layer; call after loading HF-named weights.
+
+        The separate weights are dropped as each layer is fused, so the peak is one layer's projections
+        more than the model (provided the caller holds no other reference to the loaded tensors).
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
+    def use_fused(self, h: Tensor) -> bool:
+        """Whether this forward runs the Triton ops (see `fused`)."""
+        if self.fused is not None:
+            return self.fused
+        return h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
+
     def forward(self, batch: ForwardBatch, k_cache: Tensor, v_cache: Tensor,
                 attention_backend: str = "auto") -> Tensor:
         """Run the T packed tokens; write their K/V; return final-normed hidden [R, hidden] of logits_rows."""
         h = self.model.embed_tokens(batch.input_ids)  # h: [T, hidden]
-        # HF computes cos/sin in float32 and casts them to the activation dtype before rotating.
-        cos = self.rope_cos[batch.positions].to(h.dtype)  # [T, D/2]
-        sin = self.rope_sin[batch.positions].to(h.dtype)
+        fused = self.use_fused(h)
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]  # [T, D/2] float32
+        if not fused:  # HF casts cos/sin to the activation dtype before rotating (the kernel casts itself)
+            cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, batch, k_cache[i], v_cache[i], attention_backend)
-        return self.model.norm(h[batch.logits_rows])  # norm is per row: select first
+            h, residual = layer(h, residual, cos, sin, batch, k_cache[i], v_cache[i], attention_backend, fused)
+        rows = batch.logits_rows  # norm is per row: select first
+        return self.model.norm(h[rows], None if residual is None else residual[rows], fused)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [R, hidden] -> logits [R, vocab] float32."""

@@ -133,3 +133,37 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """Store new keys and values k, v [T, Hkv, D] at flat slots page * page_size + offset."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping.long(), k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
+
+
+# ---- the fused elementwise ops of a decoder layer (fused_ops.py), in eager torch ----
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * RMSNorm(x + residual), x + residual), x [T, H]: float32 statistics, HF's order of casts."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), x
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF layout).  x: [T, H, D]; cos, sin: [T, D/2] already in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_and_store_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor) -> torch.Tensor:
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D] (cos, sin [T, D/2] cast to q's dtype); k, v written; rotated q."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    write_kv(k_cache, v_cache, apply_rope(k, cos, sin), v, slot_mapping)
+    return apply_rope(q, cos, sin)
+
+
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] laid out [gate | up] -> silu(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
