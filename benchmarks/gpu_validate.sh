@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole GPU check of the library in one device run (carry: .whl; results under $OUT):
+# every `gpu` test, then the engine benchmark against transformers, then the Dask-layer benchmark.
+#   bash benchmarks/gpu_validate.sh
+set -o pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/bench_out}
+mkdir -p "$OUT"
+cd "$REPO"
+source benchmarks/device_setup.sh
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 330 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" \
+    | grep -E "GPU greedy|passed|failed|Error|FAILED"
+python3 benchmarks/bench_engine.py --out "$OUT" --scale 0.25 --hf-workloads shared-instructions 2>&1 \
+    | grep -v -E "Writing|Loading" | tee "$OUT/bench_engine.log" | grep -v '^{'
+python3 benchmarks/bench_dask.py --out "$OUT" --scale 0.25 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"
