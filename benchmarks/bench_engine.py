@@ -69,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-1b", choices=sorted(SHAPES))
     ap.add_argument("--scale", type=float, default=0.25)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default="shared-instructions,doc-qa,skewed,long-output,no-sharing")
     ap.add_argument("--hf-workloads", default="shared-instructions", help="comma list ('' for none)")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
