@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dask import save_random_checkpoint  # noqa: E402
 from hf_anchor import agreement, ceilings, hf_static  # noqa: E402
 from roofline import SHAPES, lower_bound  # noqa: E402
-from workloads import WORKLOADS, make_workload, summary  # noqa: E402
+from workloads import make_workload, summary  # noqa: E402
 
 from batchllm_dask.engine import Engine, SamplingParams  # noqa: E402
 
