@@ -36,6 +36,8 @@ def _params(reqs) -> list[SamplingParams]:
 
 def run_hf(path: Path, workloads: dict, batch_size: int) -> dict:
     """Seconds and tokens of transformers' static generate per workload (model freed afterwards)."""
+    if not workloads:
+        return {}
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     results = {}
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--hf-workloads", default="shared-instructions", help="comma list ('' for none)")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs for decode-only steps")
     args = ap.parse_args()
     import transformers
     import triton
@@ -87,7 +90,7 @@ def main() -> None:
     save_random_checkpoint(path, args.model)
     hf = run_hf(path, {n: workloads[n] for n in args.hf_workloads.split(",") if n}, args.hf_batch_size)
     t = time.perf_counter()
-    engine = Engine(path, dtype="bfloat16", device="cuda")
+    engine = Engine(path, dtype="bfloat16", device="cuda", cuda_graphs=args.cuda_graphs)
     print(f"engine loaded in {time.perf_counter() - t:.1f}s, {engine.num_kv_pages} KV pages", flush=True)
     first = workloads[names[0]]
     engine.generate([r.prompt_token_ids for r in first[:64]], [SamplingParams(max_tokens=4, temperature=0.0)] * 64)

@@ -94,6 +94,9 @@ class EngineConfig:
     prefix_sharing: build the global prefix tree and compute shared prefixes once.
     min_shared_tokens: a prefix is shared only if (fan-out - 1) * length, the
         prompt tokens it saves, reaches this.
+    cuda_graphs: replay CUDA graphs for decode-only steps (CUDA with the Triton
+        attention only; elsewhere ignored), which removes most of a decode step's
+        launch overhead.
     """
 
     dtype: str = "auto"
@@ -108,6 +111,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     progress: bool = False
     seed: int = 0
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
@@ -128,3 +132,4 @@ class EngineConfig:
                f"must be an integer >= 1, got {self.min_shared_tokens!r}")
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                f"must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        _check(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")

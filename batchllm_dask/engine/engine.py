@@ -46,7 +46,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.max_model_len = max_model_len(self.args)
         self.num_kv_pages = self._kv_pages()
-        self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend)
+        self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
+                                  cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
         self.last_stats: GenerationStats | None = None
 

@@ -11,10 +11,13 @@ list.  Work items (see kernels/reference.py):
   kernel reads the prefix's KV once for all of them;
 - a prefill chunk attends causally to its own segment (earlier chunks plus
   itself) and fully to each prefix above it.
+
+Decode-only steps replay CUDA graphs when enabled (cuda_graphs.py); the rest runs eagerly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +27,9 @@ from .model import CausalLM
 from .sampler import SamplingBatch, sample
 from .scheduler import Chunk, StepBatch
 from .sequence import RequestSeq
+
+if TYPE_CHECKING:
+    from .cuda_graphs import DecodeGraphs
 
 
 @dataclass
@@ -49,36 +55,59 @@ class _Rows:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_pages: int, page_size: int, attention_backend: str):
+    """Owns the KV pool; turns steps into forward passes (through `DecodeGraphs` where it can).
+
+    The pool has one page more than num_pages, the allocator's: the padded rows of a CUDA
+    graph's batch write their K/V there.  cuda_graphs: replay captured graphs for
+    decode-only steps of up to max_num_seqs requests (CUDA and the Triton attention only).
+    """
+
+    def __init__(self, model: CausalLM, num_pages: int, page_size: int, attention_backend: str,
+                 cuda_graphs: bool = False, max_num_seqs: int = 512):
         args = model.args
         param = next(model.parameters())
         self.model = model
         self.device = param.device
         self.page_size = page_size
         self.attention_backend = attention_backend
-        shape = (args.num_layers, num_pages, page_size, args.num_kv_heads, args.head_dim)
+        self.scratch_page = num_pages
+        shape = (args.num_layers, num_pages + 1, page_size, args.num_kv_heads, args.head_dim)
         self.k_cache = torch.empty(shape, dtype=param.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=param.dtype, device=self.device)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            from .cuda_graphs import make_decode_graphs  # triton loads only where it runs
+            self.graphs = make_decode_graphs(model, self.k_cache, self.v_cache, self.scratch_page, max_num_seqs,
+                                             attention_backend)
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> list[int]:
         """Run one step; the sampled token of each chunk in `batch.sampled`, in that order."""
-        forward_batch = self.prepare(batch)
-        hidden = self.model(forward_batch, self.k_cache, self.v_cache, self.attention_backend)
-        sampled = batch.sampled
-        if not sampled:
-            return []
-        logits = self.model.compute_logits(hidden)
-        seqs: list[RequestSeq] = [c.seq for c in sampled]  # type: ignore[misc]
+        rows = self._rows(batch)
+        logits = None
+        if self.graphs is not None and not batch.prefills:
+            logits = self.graphs.run(rows)
+        if logits is None:
+            hidden = self.model(self._forward_batch(rows), self.k_cache, self.v_cache, self.attention_backend)
+            if not rows.logits_rows:
+                return []
+            logits = self.model.compute_logits(hidden)
+        seqs: list[RequestSeq] = [c.seq for c in batch.sampled]  # type: ignore[misc]
         params = SamplingBatch.build([s.params for s in seqs], [s.seed for s in seqs],
                                      [len(s.output) for s in seqs], self.device)
         return sample(logits, params).tolist()
 
     def prepare(self, batch: StepBatch) -> ForwardBatch:
+        return self._forward_batch(self._rows(batch))
+
+    def _rows(self, batch: StepBatch) -> _Rows:
         rows = _Rows()
         self._add_decodes(rows, batch.decodes)
         for chunk in batch.prefills:
             self._add_prefill(rows, chunk)
+        return rows
+
+    def _forward_batch(self, rows: _Rows) -> ForwardBatch:
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
         work = AttentionWork.from_lists(rows.q_start, rows.q_len, rows.kv_len, rows.causal, rows.pages,
                                         device="cpu").to(self.device)

@@ -24,6 +24,10 @@ Planning runs on the host with numpy (one device-to-host copy of the work
 list), once per step: the launcher caches the plan of the last work list it
 saw, so all layers of a step share it.  Tiles are sorted longest first, a
 greedy longest-processing-time order for the hardware scheduler.
+
+For a CUDA graph the plan is made on the host from host lists (`plan_on_host`)
+and written into static buffers of fixed capacity (`FixedPlanLayout`): the
+captured launches keep their grids and pointers, each step only its contents.
 """
 from __future__ import annotations
 
@@ -44,7 +48,12 @@ BIG_M_MAX = 64  # the largest big tile: 128 packs more rows per read of a big gr
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """Tiles and merge lists for one work list (tensors on the device of q)."""
+    """Tiles and merge lists for one work list (tensors on the device of q).
+
+    A *fixed-grid* plan (`counts` set, made by `FixedPlanLayout.device_plan` for a
+    CUDA graph) has capacities in num_tiles, num_merge_rows and num_parts: the
+    launches take those grids, and programs past the step's counts do nothing.
+    """
 
     tiles: torch.Tensor  # [num_tiles, TILE_FIELDS] int32, see the column names above
     merge_rows: torch.Tensor  # [num_merge_rows] int32: rows that need the merge launch
@@ -57,6 +66,35 @@ class AttentionPlan:
     small_m: int
     big_m: int
     split_len: int
+    counts: torch.Tensor | None = None  # [2] int32 (tiles, merge rows) of a fixed-grid plan's step
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """The same plan as numpy arrays on the host, before it goes to the device."""
+
+    tiles: np.ndarray  # [num_tiles, TILE_FIELDS] int64
+    merge_rows: np.ndarray
+    merge_ptr: np.ndarray
+    merge_parts: np.ndarray
+    num_parts: int
+    has_causal: bool
+    small_m: int
+    big_m: int
+    split_len: int
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def num_merge_rows(self) -> int:
+        return len(self.merge_rows)
+
+    @property
+    def variant(self) -> tuple[int, int, bool]:
+        """What the kernel is compiled for (small_m, big_m, has_causal): a captured launch serves one."""
+        return self.small_m, self.big_m, self.has_causal
 
 
 def _cdiv(a, b):
@@ -96,9 +134,9 @@ def choose_split_len(kv_end: np.ndarray, big: np.ndarray, num_kv_heads: int, num
     return max(1 << (split - 1).bit_length(), 4 * block_n)
 
 
-def build_plan(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int, block_n: int,
-               device: torch.device) -> AttentionPlan:
-    """Tile the work list (see the module docstring)."""
+def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int,
+                 block_n: int) -> HostPlan:
+    """Tile the work list on the host (see the module docstring); rows >= the items' rows are uncovered."""
     host = [t.cpu().numpy().astype(np.int64) for t in (work.q_start, work.q_len, work.kv_len,
                                                        work.causal, work.page_start)]
     q_start, q_len, kv_len, causal, page_start = (a[:work.num_items] for a in host)
@@ -121,10 +159,18 @@ def build_plan(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int
     tiles = tiles[np.argsort(-(tiles[:, KV_END] - tiles[:, KV_START]) * (1 + tiles[:, BIG]), kind="stable")]
 
     merge_rows, merge_ptr, merge_parts, num_parts = _merge_lists(tiles, num_rows)
+    return HostPlan(tiles, merge_rows, merge_ptr, merge_parts, num_parts,
+                    bool(((causal != 0) & (q_len > 1)).any()), small_m, big_m, split_len)
+
+
+def build_plan(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int, block_n: int,
+               device: torch.device) -> AttentionPlan:
+    """Tile the work list and move the plan to `device` (one host-to-device copy per array)."""
+    host = plan_on_host(work, num_rows, group, num_kv_heads, num_sms, block_n)
     to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device, non_blocking=True)  # noqa: E731
-    return AttentionPlan(to_dev(tiles), to_dev(merge_rows), to_dev(merge_ptr), to_dev(merge_parts),
-                         len(tiles), num_parts, len(merge_rows), bool(((causal != 0) & (q_len > 1)).any()), small_m, big_m,
-                         split_len)
+    return AttentionPlan(to_dev(host.tiles), to_dev(host.merge_rows), to_dev(host.merge_ptr),
+                         to_dev(host.merge_parts), host.num_tiles, host.num_parts, host.num_merge_rows,
+                         host.has_causal, host.small_m, host.big_m, host.split_len)
 
 
 def _merge_lists(tiles: np.ndarray, num_rows: int):
@@ -157,3 +203,54 @@ def _merge_lists(tiles: np.ndarray, num_rows: int):
 def _ranges(lengths: np.ndarray) -> np.ndarray:
     """Concatenated aranges: [0..l0), [0..l1), ..."""
     return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+@dataclass(frozen=True)
+class FixedPlanLayout:
+    """Where the plans of a CUDA graph's steps live in one flat int32 buffer.
+
+        [counts (2) | tiles (max_tiles x TILE_FIELDS) | merge_rows (max_rows) | merge_ptr (max_rows + 1)
+         | merge_parts (max_parts)]
+
+    A graph captures launches over views of the device buffer; each step writes its
+    plan into a host buffer of the same layout (`write`) and one copy moves it, so no
+    pointer changes between capture and replay.  Entries past a step's counts are
+    stale and never read: the fixed-grid kernels skip programs past the counts.
+    """
+
+    max_tiles: int
+    max_rows: int
+    max_parts: int
+
+    @property
+    def size(self) -> int:
+        return 2 + self.max_tiles * TILE_FIELDS + 2 * self.max_rows + 1 + self.max_parts
+
+    def views(self, flat):
+        """(counts, tiles, merge_rows, merge_ptr, merge_parts) of `flat` (numpy or torch, >= size long)."""
+        ends = np.cumsum([2, self.max_tiles * TILE_FIELDS, self.max_rows, self.max_rows + 1, self.max_parts])
+        counts, tiles, rows, ptr, parts = (flat[a:b] for a, b in zip([0, *ends[:-1]], ends))
+        return counts, tiles.reshape(self.max_tiles, TILE_FIELDS), rows, ptr, parts
+
+    def fits(self, plan: HostPlan) -> bool:
+        return (plan.num_tiles <= self.max_tiles and plan.num_merge_rows <= self.max_rows
+                and plan.num_parts <= self.max_parts)
+
+    def write(self, flat: np.ndarray, plan: HostPlan) -> None:
+        """Lay `plan` out in the host buffer `flat` (int32); it must fit."""
+        counts, tiles, rows, ptr, parts = self.views(flat)
+        counts[:] = (plan.num_tiles, plan.num_merge_rows)
+        tiles[:plan.num_tiles] = plan.tiles
+        rows[:plan.num_merge_rows] = plan.merge_rows
+        ptr[:plan.num_merge_rows + 1] = plan.merge_ptr
+        parts[:plan.num_parts] = plan.merge_parts
+
+    def device_plan(self, flat: torch.Tensor, variant: tuple[int, int, bool], grid_tiles: int, grid_rows: int,
+                    scratch_parts: int) -> AttentionPlan:
+        """A fixed-grid plan over the device buffer: tile and merge grids of grid_tiles and grid_rows programs,
+        scratch for scratch_parts partials; `variant` (HostPlan.variant) fixes the kernel's tile classes."""
+        assert grid_tiles <= self.max_tiles and grid_rows <= self.max_rows and scratch_parts <= self.max_parts
+        counts, tiles, rows, ptr, parts = self.views(flat)
+        small_m, big_m, has_causal = variant
+        return AttentionPlan(tiles, rows, ptr, parts, grid_tiles, scratch_parts, grid_rows, has_causal, small_m,
+                             big_m, 0, counts)

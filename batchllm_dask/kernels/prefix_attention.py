@@ -18,6 +18,12 @@ launch: two tile classes, small (SMALL_M packed rows) and big (BIG_M), are two
 instantiations of one tile function behind a run-time branch.  A second, small
 launch merges the partials of each row exactly by their log-sum-exp.
 
+CUDA graphs (FIXED_GRID): a captured launch cannot change its grid, and the
+launcher cannot read the step's work list then.  `bind_plan` gives a work list a
+fixed-grid plan over static buffers (attention_plan.FixedPlanLayout): both
+launches take capacity grids, and programs past the step's tile and merge-row
+counts, read from the device, do nothing.  The same kernels, one flag.
+
 Limits: head_dim a power of two from 16 to 256 (the engine sends 64 and 128;
 others fall back to the reference with a warning), q and the caches of one
 dtype (fp16, bf16 or fp32; fp32 dots are exact, not tf32), the page size a power
@@ -113,15 +119,13 @@ def _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids,
 
 
 @triton.jit
-def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, Tiles, qk_scale,
-                            stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                            stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
-                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                            SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
-                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_FIELDS: tl.constexpr,
-                            INTERPRET: tl.constexpr):
-    tile = Tiles + tl.program_id(0) * TILE_FIELDS
-    kv_head = tl.program_id(1)
+def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
+                  stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                  stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """One tile of the table for one KV head: its fields, then the big or the small tile function."""
     row0 = tl.load(tile + 0)
     n_rows = tl.load(tile + 1)
     kv_start = tl.load(tile + 2)
@@ -145,11 +149,36 @@ def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids
 
 
 @triton.jit
-def _merge_kernel(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts,
-                  stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
-                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program per merge row: all its partials, all heads, combined by log-sum-exp (base 2)."""
-    idx = tl.program_id(0)
+def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, Tiles, Counts, qk_scale,
+                            stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                            stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                            SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
+                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_FIELDS: tl.constexpr,
+                            FIXED_GRID: tl.constexpr, INTERPRET: tl.constexpr):
+    """Grid (tiles, KV heads).  FIXED_GRID (a CUDA graph's launch): the grid is a capacity, and programs at or
+    past the step's tile count (Counts[0], on the device) do nothing."""
+    tile_idx = tl.program_id(0)
+    tile = Tiles + tile_idx * TILE_FIELDS
+    kv_head = tl.program_id(1)
+    if FIXED_GRID:
+        if tile_idx < tl.load(Counts):
+            _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
+                          stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                          stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
+                          SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET)
+    else:
+        _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
+                      stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                      stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
+                      SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET)
+
+
+@triton.jit
+def _merge_row(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts, idx,
+               stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+               NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Merge row `idx` of the lists: all its partials, all heads, combined by log-sum-exp (base 2)."""
     row = tl.load(Merge_rows + idx)
     first = tl.load(Merge_ptr + idx)
     last = tl.load(Merge_ptr + idx + 1)
@@ -178,6 +207,22 @@ def _merge_kernel(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts,
              out.to(Out.dtype.element_ty), mask=mask_h[:, None])
 
 
+@triton.jit
+def _merge_kernel(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts, Counts,
+                  stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  FIXED_GRID: tl.constexpr):
+    """One program per merge row.  FIXED_GRID: programs at or past Counts[1] (the step's merge rows) do nothing."""
+    idx = tl.program_id(0)
+    if FIXED_GRID:
+        if idx < tl.load(Counts + 1):
+            _merge_row(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts, idx, stride_ot, stride_oh,
+                       stride_pp, stride_ph, stride_lp, NUM_HEADS, HEADS_PAD, HEAD_DIM)
+    else:
+        _merge_row(Out, Part_o, Part_lse, Merge_rows, Merge_ptr, Merge_parts, idx, stride_ot, stride_oh,
+                   stride_pp, stride_ph, stride_lp, NUM_HEADS, HEADS_PAD, HEAD_DIM)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -187,9 +232,46 @@ def _num_sms(device: torch.device) -> int:
 
 
 _plan_cache: dict = {}  # the last work list seen and its plan: every layer of a step shares it
+_bound_plans: dict = {}  # id(work) -> (weakref to work, fixed-grid plan): see bind_plan
+
+
+def host_plan(work: AttentionWork, num_rows: int, num_heads: int, num_kv_heads: int,
+              device: torch.device) -> ap.HostPlan:
+    """The plan the launcher makes for `work` (num_rows query rows, on `device`), left on the host.
+
+    `work` may live on the CPU: a graph's step plans from the host lists, with no device round trip.
+    """
+    return ap.plan_on_host(work, num_rows, num_heads // num_kv_heads, num_kv_heads, _num_sms(device), _BLOCK_N)
+
+
+def fixed_plan_layout(max_rows: int, num_kv_heads: int, device: torch.device) -> ap.FixedPlanLayout:
+    """Room for the fixed-grid plans of decode steps of up to max_rows rows.
+
+    Split-K aims at PROGRAMS_PER_SM programs per SM over all KV heads; a split rounds up
+    to a power of two, and each row adds a suffix tile and its share of prefix tiles:
+    the plans of real decode steps stay well inside.  A step that needs more runs eagerly.
+    """
+    max_tiles = 4 * max_rows + 2 * ap.PROGRAMS_PER_SM * _num_sms(device) // num_kv_heads + 64
+    return ap.FixedPlanLayout(max_tiles, max_rows, 2 * max_tiles + 4 * max_rows)
+
+
+def bind_plan(work: AttentionWork, plan: ap.AttentionPlan) -> None:
+    """Launch `work` with `plan` from now on (a fixed-grid plan over static buffers, for CUDA graph capture).
+
+    The launcher then reads no work list and builds no plan for it: no host synchronisation, no pointer
+    that changes between steps.  Only `work.page_ids` is read, by the kernel.  The binding lasts while
+    `work` lives.
+    """
+    assert plan.counts is not None, "bind a fixed-grid plan (FixedPlanLayout.device_plan)"
+    for key in [k for k, (ref, _) in _bound_plans.items() if ref() is None]:
+        del _bound_plans[key]
+    _bound_plans[id(work)] = (weakref.ref(work), plan)
 
 
 def _plan_for(work: AttentionWork, q: torch.Tensor, num_kv_heads: int) -> ap.AttentionPlan:
+    bound = _bound_plans.get(id(work))
+    if bound is not None and bound[0]() is work:
+        return bound[1]
     key = (q.shape[0], q.shape[1], num_kv_heads, q.device, ap.PROGRAMS_PER_SM, ap.BIG_M_MAX)
     cached = _plan_cache.get("last")
     if cached is not None and cached[0]() is work and cached[1] == key:
@@ -212,29 +294,35 @@ def _launch(q, k_cache, v_cache, work, sm_scale, out) -> torch.Tensor:
     part_o = _empty((max(plan.num_parts, 1), num_heads, head_dim), torch.float32, q.device)
     part_lse = _empty((max(plan.num_parts, 1), num_heads), torch.float32, q.device)
     fp32 = q.dtype == torch.float32
+    fixed_grid = plan.counts is not None
+    counts = plan.counts if fixed_grid else plan.tiles  # an unused pointer must still be a tensor
     shrink = 2 if fp32 and head_dim > 64 else 1  # fp32 tiles take twice the registers and shared memory
     if plan.num_tiles:
         _paged_attention_kernel[(plan.num_tiles, num_kv_heads)](
-            q, k_cache, v_cache, out, part_o, part_lse, work.page_ids, plan.tiles, sm_scale * 1.4426950408889634,
+            q, k_cache, v_cache, out, part_o, part_lse, work.page_ids, plan.tiles, counts,
+            sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             part_o.stride(0), part_o.stride(1), part_lse.stride(0),
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SMALL_M=plan.small_m,
             BIG_M=plan.big_m, SMALL_N=_BLOCK_N // shrink, BIG_N=_BIG_BLOCK_N // shrink, CAUSAL=plan.has_causal,
-            DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, INTERPRET=_interpreting(),
+            DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, FIXED_GRID=fixed_grid,
+            INTERPRET=_interpreting(),
             num_warps=8 if plan.big_m >= 128 else 4, num_stages=_NUM_STAGES)
     if plan.num_merge_rows:
         _merge_kernel[(plan.num_merge_rows,)](
-            out, part_o, part_lse, plan.merge_rows, plan.merge_ptr, plan.merge_parts,
+            out, part_o, part_lse, plan.merge_rows, plan.merge_ptr, plan.merge_parts, counts,
             out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
-            NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim, num_warps=4)
+            NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+            FIXED_GRID=fixed_grid, num_warps=4)
     return out
 
 
 _warned_fallback: set = set()
 
 
-def _supported_head_dim(head_dim: int) -> bool:
+def supported_head_dim(head_dim: int) -> bool:
+    """Whether the kernel takes this head_dim (others run the torch reference)."""
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
@@ -260,7 +348,7 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def run_paged_attention(q, k_cache, v_cache, work, sm_scale, out=None) -> torch.Tensor:
     """Shared entry of both public functions: checks, fallback for odd head_dims, launch."""
     check_inputs(q, k_cache, v_cache, work)
-    if not _supported_head_dim(q.shape[2]):
+    if not supported_head_dim(q.shape[2]):
         if q.shape[2] not in _warned_fallback:
             _warned_fallback.add(q.shape[2])
             warnings.warn(f"head_dim {q.shape[2]}: no Triton kernel, using the torch reference", stacklevel=3)

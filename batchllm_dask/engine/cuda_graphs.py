@@ -1,0 +1,231 @@
+"""CUDA graphs for decode-only steps: one graph launch instead of about ten launches per layer.
+
+A decode step on a fast GPU is bound by the host: each eager launch costs tens of
+microseconds of Python and driver time, a step's GPU work a few milliseconds.  A
+step whose batch is only decodes, B of them with B <= the largest bucket, replays
+instead a graph captured for the bucket size B' >= B (`bucket_sizes`):
+
+* Static inputs.  One int32 device buffer holds the step's token ids, positions and
+  KV slots ([B'] each), its attention plan (attention_plan.FixedPlanLayout) and page
+  ids.  The host lays a step out in a pinned buffer of the same layout and one copy
+  moves it, so no pointer changes between capture and replay.
+* Padding.  Rows B..B'-1 hold token 0 at position 0, write their K/V to a scratch
+  page that the allocator never hands out (the runner keeps one page aside), are
+  covered by no attention item (the merge writes zeros there) and their logits are
+  dropped.  Every op of the model is row-wise except attention, so real rows see no
+  padding; the attention plan is the eager path's plan (the same tiles), so the
+  attention of real rows is computed exactly as eagerly.
+* Fixed grids.  The attention launches take capacity grids (prefix_attention's
+  FIXED_GRID flag); programs past the step's counts, read from the device, do
+  nothing.  A graph is keyed by the bucket and the kernel's tile classes; its tile
+  and partial capacities are powers of two that grow (a new capture) when a step
+  needs more, up to the buffers' size.  A step past that runs eagerly.
+* Capture lazily, on a bucket's first step: one eager warm-up run on the capture
+  stream (it compiles the Triton kernels and sets up cuBLAS there), then the
+  capture; all graphs share one memory pool.  The model's forward and
+  compute_logits are inside; sampling stays eager, on the logits of the real rows.
+
+Everything else (prefill chunks, mixed steps, batches above the largest bucket, the
+torch attention) runs eagerly.  Each captured graph keeps its logits [B', vocab]
+float32 (about 0.9 GB for all fifteen buckets of a 128k vocabulary).  Tests on the
+CPU pass `capture=run_eagerly`: the same static path, without graphs.
+"""
+from __future__ import annotations
+
+import bisect
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from ..kernels import AttentionWork, triton_supported
+from ..kernels.prefix_attention import bind_plan, fixed_plan_layout, host_plan, supported_head_dim
+from .batch import ForwardBatch
+from .model import CausalLM
+
+if TYPE_CHECKING:
+    from ..kernels.attention_plan import HostPlan
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+_MIN_TILES = 64  # the smallest tile grid captured (a power of two)
+_MIN_PARTS = 64  # the smallest partial scratch captured
+
+Capture = Callable[[Callable[[], torch.Tensor]], "tuple[Callable[[], Any], torch.Tensor]"]
+
+
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """Graph batch sizes for decode batches of up to max_batch (capped at the largest of BUCKETS)."""
+    top = min(max_batch, BUCKETS[-1])
+    return tuple(b for b in BUCKETS if b < top) + (top,)
+
+
+def bucket_for(num_rows: int, sizes: tuple[int, ...]) -> int | None:
+    """The smallest size >= num_rows, or None (no rows, or more than the largest)."""
+    i = bisect.bisect_left(sizes, num_rows)
+    return sizes[i] if num_rows >= 1 and i < len(sizes) else None
+
+
+def grown_capacity(need: int, current: int, floor: int, ceiling: int) -> int:
+    """A power of two >= need (and >= current, >= floor), at most ceiling."""
+    return min(max(1 << max(need - 1, 0).bit_length(), current, floor), ceiling)
+
+
+def run_eagerly(forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], Any], torch.Tensor]:
+    """A stand-in for `CudaGraphCapture` (tests, no CUDA): "replay" reruns forward into the same output."""
+    out = forward()
+    return (lambda: out.copy_(forward())), out
+
+
+class CudaGraphCapture:
+    """Warm-up and capture on one side stream, every graph in one shared memory pool."""
+
+    def __init__(self, device: torch.device):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], Any], torch.Tensor]:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            forward()  # compiles the Triton kernels, sets up cuBLAS on this stream; same values as the replay
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (a dask worker's) do not break our capture
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            out = forward()
+        return graph.replay, out
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], Any]  # holds the graph
+    logits: torch.Tensor  # [size, vocab] float32, rewritten by each replay
+    tiles: int  # capacities it was captured with
+    parts: int
+    work: AttentionWork  # the stand-in work list its plan is bound to (the binding lives as long as it)
+
+
+class DecodeGraphs:
+    """Captures and replays the forward of decode-only steps, one graph per batch bucket.
+
+    model, k_cache, v_cache: the runner's; scratch_page: a pool page the allocator never
+    hands out; max_batch: the engine's max_num_seqs.  `run` returns the logits of a
+    step's real rows, or None when the step must run eagerly.  Counters: `replays`,
+    `captures`, `eager_steps` (decode-only steps that ran eagerly: too many rows, or a plan too big).
+    """
+
+    def __init__(self, model: CausalLM, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_page: int,
+                 max_batch: int, attention_backend: str = "auto", capture: Capture | None = None):
+        args = model.args
+        self.model, self.k_cache, self.v_cache, self.backend = model, k_cache, v_cache, attention_backend
+        self.device = k_cache.device
+        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
+        self.sizes = bucket_sizes(max_batch)
+        self.scratch_slot = scratch_page * k_cache.shape[2]
+        self.capture = capture or CudaGraphCapture(self.device)
+        rows = self.sizes[-1]
+        self.layout = fixed_plan_layout(rows, self.num_kv_heads, self.device)
+        self.max_pages = k_cache.shape[1]  # a decode step names each page at most once
+        self._plan_at = 3 * rows  # [ids | positions | slots | plan | page ids]
+        self._pages_at = self._plan_at + self.layout.size
+        length = self._pages_at + self.max_pages
+        on_cuda = self.device.type == "cuda"
+        self.host = torch.zeros(length, dtype=torch.int32, pin_memory=on_cuda)
+        self._host = self.host.numpy()
+        self.static = torch.zeros(length, dtype=torch.int32, device=self.device)
+        self.logits_rows = torch.arange(rows, device=self.device)
+        self._copied = torch.cuda.Event() if on_cuda else None
+        self.graphs: dict[tuple, _Graph] = {}
+        self.replays = self.captures = self.eager_steps = 0
+
+    def run(self, rows) -> torch.Tensor | None:
+        """Logits [B, vocab] float32 of a decode-only step, by replay; None: run the step eagerly.
+
+        rows: the runner's host lists of the step (input_ids, positions, slots, logits_rows and the
+        attention items q_start, q_len, kv_len, causal, pages), every row sampled.
+        """
+        n = len(rows.input_ids)
+        size = bucket_for(n, self.sizes)
+        if size is None or len(rows.logits_rows) != n:
+            self.eager_steps += 1
+            return None
+        work = AttentionWork.from_lists(rows.q_start, rows.q_len, rows.kv_len, rows.causal, rows.pages)
+        plan = host_plan(work, size, self.num_heads, self.num_kv_heads, self.device)
+        if not self.layout.fits(plan) or work.page_ids.numel() > self.max_pages:
+            self.eager_steps += 1
+            return None
+        self._stage(rows, size, plan, work.page_ids.numpy())
+        graph = self._graph_for(size, plan)
+        graph.replay()
+        self.replays += 1
+        return graph.logits[:n]
+
+    def _stage(self, rows, size: int, plan: HostPlan, page_ids: np.ndarray) -> None:
+        """Write the step into the pinned host buffer and copy it to the static one (real rows, then padding)."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the host buffer
+        n, cap, host = len(rows.input_ids), self.sizes[-1], self._host
+        for i, (values, pad) in enumerate(((rows.input_ids, 0), (rows.positions, 0), (rows.slots, self.scratch_slot))):
+            host[i * cap:i * cap + n] = values
+            host[i * cap + n:i * cap + size] = pad
+        self.layout.write(host[self._plan_at:self._pages_at], plan)
+        used = self._pages_at + len(page_ids)
+        host[self._pages_at:used] = page_ids
+        self.static[:used].copy_(self.host[:used], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _graph_for(self, size: int, plan: HostPlan) -> _Graph:
+        """The graph of this bucket and tile classes, captured (again, larger) when the plan needs more."""
+        key = (size, *plan.variant)
+        graph = self.graphs.get(key)
+        if graph is not None and plan.num_tiles <= graph.tiles and plan.num_parts <= graph.parts:
+            return graph
+        old_tiles, old_parts = (graph.tiles, graph.parts) if graph is not None else (0, 0)
+        tiles = grown_capacity(plan.num_tiles, old_tiles, _MIN_TILES, self.layout.max_tiles)
+        parts = grown_capacity(plan.num_parts, old_parts, _MIN_PARTS, self.layout.max_parts)
+        self.graphs.pop(key, None)  # its memory goes back to the pool before the new capture
+        graph = self.graphs[key] = self._capture(size, plan.variant, tiles, parts)
+        return graph
+
+    def _capture(self, size: int, variant: tuple, tiles: int, parts: int) -> _Graph:
+        cap = self.sizes[-1]
+        plan_buffer = self.static[self._plan_at:self._pages_at]
+        empty = self.static[:0]
+        # A stand-in work list: the bound plan replaces its items, the kernel reads only page_ids.
+        work = AttentionWork(empty, empty, empty, empty, empty, self.static[self._pages_at:], 0, 1, 0)
+        bind_plan(work, self.layout.device_plan(plan_buffer, variant, tiles, size, parts))
+        ids, positions, slots = (self.static[i * cap:i * cap + size] for i in range(3))
+
+        def forward() -> torch.Tensor:
+            batch = ForwardBatch(ids.long(), positions.long(), slots.long(), work, self.logits_rows[:size])
+            hidden = self.model(batch, self.k_cache, self.v_cache, self.backend)
+            return self.model.compute_logits(hidden)
+
+        replay, logits = self.capture(forward)
+        self.captures += 1
+        return _Graph(replay, logits, tiles, parts, work)
+
+
+def unsupported_reason(model: CausalLM, k_cache: torch.Tensor, attention_backend: str) -> str | None:
+    """Why this model's decode steps cannot be captured, or None when they can."""
+    probe = k_cache[:0, 0, 0]  # an empty tensor of the cache's device and dtype
+    if not k_cache.is_cuda:
+        return "no CUDA device"
+    if attention_backend == "torch" or not triton_supported(probe):
+        return "the torch attention reads its work list on the host"
+    if not supported_head_dim(model.args.head_dim):
+        return f"head_dim {model.args.head_dim} has no Triton attention kernel"
+    return None
+
+
+def make_decode_graphs(model: CausalLM, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_page: int,
+                       max_batch: int, attention_backend: str) -> DecodeGraphs | None:
+    """DecodeGraphs where they can run; None (with a warning on CUDA) where not."""
+    reason = unsupported_reason(model, k_cache, attention_backend)
+    if reason is None:
+        return DecodeGraphs(model, k_cache, v_cache, scratch_page, max_batch, attention_backend)
+    if k_cache.is_cuda:
+        warnings.warn(f"cuda_graphs: off ({reason})", stacklevel=3)
+    return None
