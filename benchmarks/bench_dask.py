@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -70,32 +71,33 @@ def save_tiny_checkpoint(path: Path, vocab: int) -> Path:
     return build_tiny_checkpoint(path, arch="llama", vocab_size=vocab)
 
 
-def run_direct(model: str, prompts: list[list[int]], max_tokens: int, engine_options: dict) -> dict:
-    """Engine.generate on every prompt at once, after a warm-up call; the engine is released after."""
+def run_direct(model: str, prompts: list[list[int]], max_tokens: int, engine_options: dict,
+               repeats: int = 1) -> dict:
+    """Engine.generate on every prompt at once, after a warm-up call, `repeats` times (median kept);
+    the engine is released after."""
     from batchllm_dask.engine import Engine, SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine = Engine(model, **engine_options)
     engine.generate(prompts[:4], sampling)
-    _sync()
-    start = time.perf_counter()
-    outs = engine.generate(prompts, sampling)
-    _sync()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        outs = engine.generate(prompts, sampling)
+        _sync()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     tokens = [list(o.token_ids) for o in outs]
     del engine, outs
     _free()
-    return {"seconds": seconds, "tokens": tokens}
+    return {"seconds": seconds, "all_seconds": times, "tokens": tokens}
 
 
 def run_dask(model: str, prompts: list[list[int]], max_tokens: int, engine_options: dict,
-             gpu: bool, input_partitions: int, npartitions: int | None, dask_env: bool = True) -> dict:
-    """ddf.llm.generate on a LocalCluster of one worker, after a warm-up that loads the worker's engine.
-
-    dask_env=False clears the environment the nanny sets before starting a worker
-    (`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_=65536 and one OpenMP/MKL
-    thread), to see what it costs a host-bound engine loop."""
-    import dask
+             gpu: bool, input_partitions: int, npartitions: int | None, repeats: int = 1) -> dict:
+    """ddf.llm.generate on a LocalCluster of one worker, after a warm-up that loads the worker's engine,
+    `repeats` times (median kept, with the worker's own Engine.generate time of each)."""
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
@@ -106,26 +108,31 @@ def run_dask(model: str, prompts: list[list[int]], max_tokens: int, engine_optio
     # npartitions None: the default, one output partition per GPU worker (here one).
     options = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, npartitions=npartitions, **engine_options)
     resources = {"GPU": 1} if gpu else None
-    environ = {} if not dask_env else dask.config.get("distributed.nanny.pre-spawn-environ")
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
-            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources=resources,
-                         dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources=resources,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
         warm = dd.from_pandas(frame.head(4), npartitions=1).llm.generate("prompt", model, **options)
         with batchllm_dask.gpu_resources() as annotated:
             warm.compute()
         ddf = dd.from_pandas(frame, npartitions=input_partitions)
         out = ddf.llm.generate("prompt", model, **options)
         partitions = out.npartitions
-        start = time.perf_counter()
-        with batchllm_dask.gpu_resources():
-            result = out.compute()
-        seconds = time.perf_counter() - start
+        times, engine_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with batchllm_dask.gpu_resources():
+                result = out.compute()
+            times.append(time.perf_counter() - start)
+            engine_times.append(sum(s.seconds for s in client.run(engine_stats).values() if s is not None))
         loads = sum(client.run(batchllm_dask.engine_loads).values())
-        engine_seconds = sum(s.seconds for s in client.run(engine_stats).values() if s is not None)
     result = result.sort_index()
-    return {"seconds": seconds, "engine_seconds": engine_seconds, "dask_env": dask_env, "annotated": annotated, "engine_loads": loads, "partitions": partitions,
+    return {"seconds": statistics.median(times), "all_seconds": times, "engine_seconds": engine_times,
+            "annotated": annotated, "engine_loads": loads, "partitions": partitions,
             "completion_tokens": result["completion_tokens"].tolist(),
             "errors": int((result.finish_reason == "error").sum())}
+
+
+def _fmt(seconds: list[float]) -> str:
+    return "[" + ", ".join(f"{s:.2f}" for s in seconds) + "] s"
 
 
 def _sync() -> None:
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--input-partitions", type=int, default=8, help="partitions of the input dataframe")
     ap.add_argument("--npartitions", type=int, default=None, help="output partitions (default: one per GPU worker)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (the median is reported)")
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny model, tiny workload, fp32")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_dask.json")
     args = ap.parse_args(argv)
@@ -175,16 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_tokens = reqs[0].max_tokens
         shape = summary(reqs)
         print(f"{workload} scale {args.scale}: {shape}", flush=True)
-        direct = run_direct(str(model), prompts, max_tokens, engine_options)
-        print(f"direct: {direct['seconds']:.2f} s", flush=True)
-        runs = [run_dask(str(model), prompts, max_tokens, engine_options, gpu=not args.tiny,
-                         input_partitions=args.input_partitions, npartitions=args.npartitions, dask_env=env)
-                for env in (True, False)]
-        for r in runs:
-            print(f"dask ({'default worker environment' if r['dask_env'] else 'no pre-spawn environ'}): "
-                  f"{r['seconds']:.2f} s, "
-                  f"of which the worker's Engine.generate {r['engine_seconds']:.2f} s", flush=True)
-        dask_run = runs[0]  # the defaults: what a user gets
+        direct = run_direct(str(model), prompts, max_tokens, engine_options, args.repeats)
+        print(f"direct: median {direct['seconds']:.2f} s of {_fmt(direct['all_seconds'])}", flush=True)
+        dask_run = run_dask(str(model), prompts, max_tokens, engine_options, gpu=not args.tiny,
+                            input_partitions=args.input_partitions, npartitions=args.npartitions,
+                            repeats=args.repeats)
+        print(f"dask:   median {dask_run['seconds']:.2f} s of {_fmt(dask_run['all_seconds'])}; the worker's "
+              f"Engine.generate took {_fmt(dask_run['engine_seconds'])}", flush=True)
 
     out_tokens = shape["output_tokens"]
     direct_complete = all(len(t) == max_tokens for t in direct["tokens"])
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "workload": workload, "scale": args.scale, "model": "tiny" if args.tiny else args.shape,
         "requests": shape["requests"], "prompt_tokens": shape["prompt_tokens"], "output_tokens": out_tokens,
         "direct_seconds": direct["seconds"], "dask_seconds": dask_run["seconds"],
-        "dask_runs": [{k: r[k] for k in ("dask_env", "seconds", "engine_seconds")} for r in runs],
+        "direct_all_seconds": direct["all_seconds"], "dask_all_seconds": dask_run["all_seconds"],
+        "dask_worker_engine_seconds": dask_run["engine_seconds"],
         "direct_tokens_per_s": out_tokens / direct["seconds"], "dask_tokens_per_s": out_tokens / dask_run["seconds"],
         "ratio": direct["seconds"] / dask_run["seconds"],
         "within_10_percent": direct["seconds"] / dask_run["seconds"] >= 0.9,  # throughput ratio

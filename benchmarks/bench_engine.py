@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--hf-workloads", default="shared-instructions", help="comma list ('' for none)")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs for decode-only steps")
+    ap.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                    help="replay CUDA graphs for decode-only steps (the engine's default: on)")
     args = ap.parse_args()
     import transformers
     import triton
@@ -90,7 +91,7 @@ def main() -> None:
     save_random_checkpoint(path, args.model)
     hf = run_hf(path, {n: workloads[n] for n in args.hf_workloads.split(",") if n}, args.hf_batch_size)
     t = time.perf_counter()
-    engine = Engine(path, dtype="bfloat16", device="cuda", cuda_graphs=args.cuda_graphs)
+    engine = Engine(path, dtype="bfloat16", device="cuda", cuda_graphs=args.cuda_graphs == "on")
     print(f"engine loaded in {time.perf_counter() - t:.1f}s, {engine.num_kv_pages} KV pages", flush=True)
     first = workloads[names[0]]
     engine.generate([r.prompt_token_ids for r in first[:64]], [SamplingParams(max_tokens=4, temperature=0.0)] * 64)

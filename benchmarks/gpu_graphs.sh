@@ -20,8 +20,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 timeout 420 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_cuda_graphs.py 2>&1 \
     | tee "$OUT/gpu_graphs_tests.log" | grep -E "GPU graphs|passed|failed|Error|error"
 for mode in off on; do
-    flag=""
-    [ "$mode" = on ] && flag="--cuda-graphs"
+    flag="--cuda-graphs $mode"
     mkdir -p "$OUT/graphs_$mode"
     echo "== cuda graphs $mode"
     python3 benchmarks/bench_engine.py --scale 0.25 --workloads long-output,shared-instructions --hf-workloads '' \
