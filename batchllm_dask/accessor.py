@@ -89,10 +89,11 @@ def _generate_pandas(df: pd.DataFrame, prompt_col: str, spec: EngineSpec, sampli
 def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, chat: bool,
                    output_col: str, npartitions: int | None) -> Any:
     n = npartitions or default_npartitions(ddf)
-    tok = tokenize(ddf, prompt_col, spec.model, chat=chat)  # the spec's resolved path
     meta = result_meta(ddf._meta, output_col)
-    if n == 1:  # one engine call sees every row: nothing to plan, no shuffle
-        return tok.repartition(npartitions=1).map_partitions(run_partition, spec, sampling, output_col, meta=meta)
+    if n == 1:  # one engine call sees every row: nothing to plan, no shuffle; tokenize in that one task
+        tok = tokenize(ddf.repartition(npartitions=1), prompt_col, spec.model, chat=chat)
+        return tok.map_partitions(run_partition, spec, sampling, output_col, meta=meta)
+    tok = tokenize(ddf, prompt_col, spec.model, chat=chat)  # the spec's resolved path
     planned = prefix_shuffle(tok, max_tokens=sampling.max_tokens, npartitions=n)
     names = list(ddf._meta.index.names)
     return planned.map_partitions(run_partition, spec, sampling, output_col, names, meta=meta, clear_divisions=True)

@@ -128,7 +128,7 @@ def run_partition(part: pd.DataFrame, spec: EngineSpec, sampling: Any, output_co
     results: list[Any] = [None] * len(part)
     if todo:
         cached = get_engine(spec)
-        prompts = [ids[i].tolist() for i in todo]
+        prompts = [ids[i] for i in todo]  # numpy arrays: the engine checks and converts them once
         with cached.lock:
             outs = cached.engine.generate(prompts, sampling)
         for i, out in zip(todo, outs):
