@@ -129,7 +129,7 @@ def tune(bandwidth: float, out_dir: str) -> None:
             fused_paged_attention(q, k, v, shared, D ** -0.5, out=out)
             if ref is not None:
                 assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, name
-            table[(shape, name)] = do_bench(lambda: fused_paged_attention(q, k, v, shared, D ** -0.5, out=out),
+            table[(shape, name)] = do_bench(lambda q=q, k=k, v=v, shared=shared: fused_paged_attention(q, k, v, shared, D ** -0.5, out=out),
                                             return_mode="median")
         floor = unique_bytes / bandwidth * 1e3
         print(f"{shape}: floor {floor:.3f} ms; " + ", ".join(f"{n} {table[(shape, n)]:.3f}" for n in VARIANTS),

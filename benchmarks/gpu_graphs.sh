@@ -4,19 +4,8 @@
 # workloads with graphs off and on (no transformers runs).
 #   bash benchmarks/gpu_graphs.sh [bench_engine.py options]      (carry: .whl; results under $OUT)
 set -o pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/bench_out}
-mkdir -p "$OUT"
-cd "$REPO"
-source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
-python3 - <<'PY' || exit 1
-import inspect, sys
-from batchllm_dask.engine import Engine
-if "cuda_graphs" not in inspect.getsource(Engine.__init__):
-    sys.exit("engine.py does not pass config.cuda_graphs to ModelRunner: graphs would stay off")
-PY
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+cd "$(dirname "$0")/.."
+source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $OUT, the GPU's name
 timeout 420 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_cuda_graphs.py 2>&1 \
     | tee "$OUT/gpu_graphs_tests.log" | grep -E "GPU graphs|passed|failed|Error|error"
 for mode in off on; do

@@ -3,13 +3,8 @@
 # every `gpu` test, then the engine benchmark against transformers, then the Dask-layer benchmark.
 #   bash benchmarks/gpu_validate.sh
 set -o pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/bench_out}
-mkdir -p "$OUT"
-cd "$REPO"
-source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+cd "$(dirname "$0")/.."
+source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $OUT, the GPU's name
 timeout 330 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" \
     | grep -E "GPU greedy|passed|failed|Error|FAILED"
 python3 benchmarks/bench_engine.py --out "$OUT" --scale 0.25 --hf-workloads shared-instructions 2>&1 \

@@ -24,3 +24,10 @@ def to_dask(df: pd.DataFrame, npartitions: int) -> dd.DataFrame:
     """A Dask frame that keeps object columns as they are (Dask would turn non-text rows into strings)."""
     with dask.config.set({"dataframe.convert-string": False}):
         return dd.from_pandas(df, npartitions=npartitions)
+
+
+def kernel_device() -> str:
+    """Where Triton kernels run in this test session: the interpreter on the CPU (conftest sets
+    TRITON_INTERPRET=1 when there is no CUDA), else the GPU."""
+    import os
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

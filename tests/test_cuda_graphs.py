@@ -6,32 +6,27 @@ entries never read), and the whole static path of the engine with `run_eagerly` 
 of a capture (same greedy tokens as the eager engine, fallbacks included).  Tests marked
 `gpu`: real graphs on the tiny default-shape model, fp32 and bf16, against the eager engine.
 """
-import os
 
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported anywhere below
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import random
 
-import random  # noqa: E402
+import numpy as np
+import pytest
+from _helpers import kernel_device
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+from batchllm_dask.engine import Engine, SamplingParams
+from batchllm_dask.engine import cuda_graphs as cg
+from batchllm_dask.engine.config import EngineConfig
+from batchllm_dask.engine.default_model import DEFAULT_MODEL_OVERRIDES, build_tiny_checkpoint
+from batchllm_dask.engine.runner import ModelRunner
+from batchllm_dask.kernels import attention_plan as ap
+from batchllm_dask.kernels import prefix_attention
+from batchllm_dask.kernels.prefix_attention import bind_plan, fused_paged_attention, host_plan
+from batchllm_dask.kernels.reference import AttentionWork
 
-from batchllm_dask.engine import Engine, SamplingParams  # noqa: E402
-from batchllm_dask.engine import cuda_graphs as cg  # noqa: E402
-from batchllm_dask.engine.config import EngineConfig  # noqa: E402
-from batchllm_dask.engine.default_model import DEFAULT_MODEL_OVERRIDES, build_tiny_checkpoint  # noqa: E402
-from batchllm_dask.engine.runner import ModelRunner  # noqa: E402
-from batchllm_dask.kernels import attention_plan as ap  # noqa: E402
-from batchllm_dask.kernels import prefix_attention  # noqa: E402
-from batchllm_dask.kernels.prefix_attention import bind_plan, fused_paged_attention, host_plan  # noqa: E402
-from batchllm_dask.kernels.reference import AttentionWork  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                   reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = kernel_device()
+INTERPRET = DEVICE == "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -124,14 +119,12 @@ def fixed_grid_case(monkeypatch, num_rows: int, size: int, dtype=torch.float32, 
     return plan
 
 
-@needs_kernels
 @pytest.mark.parametrize("num_rows,size", [(1, 1), (5, 8), (21, 24)])
 def test_fixed_grid_attention_equals_the_eager_launch(num_rows, size, monkeypatch):
     plan = fixed_grid_case(monkeypatch, num_rows, size)
     assert plan.num_tiles >= num_rows
 
 
-@needs_kernels
 def test_fixed_grid_attention_fp16_gqa8_with_split_prefixes(monkeypatch):
     fixed_grid_case(monkeypatch, 30, 32, dtype=torch.float16, num_kv_heads=1, group=8)
 
@@ -181,7 +174,6 @@ def eager_tokens(tiny_llama_dir):
     return [o.token_ids for o in outs]
 
 
-@needs_kernels
 @pytest.mark.skipif(not INTERPRET, reason="the GPU tests below capture real graphs")
 @pytest.mark.parametrize("case", ["buckets", "tight-and-few-buckets", "no-room"])
 def test_static_path_gives_the_eager_tokens(case, tiny_llama_dir, eager_tokens, monkeypatch):

@@ -7,10 +7,10 @@ the failure message) and every output the ops allocate is poisoned with NaN firs
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
+from _helpers import kernel_device
 import torch
 
 from batchllm_dask.engine.batch import ForwardBatch
@@ -20,8 +20,8 @@ from batchllm_dask.kernels import AttentionWork, fused_ops
 from batchllm_dask.kernels.fused_ops import rms_norm, rope_and_store_kv, silu_and_mul
 from batchllm_dask.kernels.reference import rms_norm_reference, rope_and_store_kv_reference, silu_and_mul_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = kernel_device()
+INTERPRET = DEVICE == "cpu"
 pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,30 +6,25 @@ is in the failure message), poisons the output and the kernels' scratch with
 NaN before the run, and compares row by row with the reference computed in
 float32 from the same inputs.
 """
-import os
 
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported anywhere below
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import random
+import warnings
+from dataclasses import dataclass, field
 
-import random  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import numpy as np
+import pytest
+from _helpers import kernel_device
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+from batchllm_dask.kernels import attention_plan as ap
+from batchllm_dask.kernels import prefix_attention
+from batchllm_dask.kernels.extend_attention import extend_attention
+from batchllm_dask.kernels.prefix_attention import fused_paged_attention
+from batchllm_dask.kernels.reference import AttentionWork, paged_attention_reference
 
-from batchllm_dask.kernels import attention_plan as ap  # noqa: E402
-from batchllm_dask.kernels import prefix_attention  # noqa: E402
-from batchllm_dask.kernels.extend_attention import extend_attention  # noqa: E402
-from batchllm_dask.kernels.prefix_attention import fused_paged_attention  # noqa: E402
-from batchllm_dask.kernels.reference import AttentionWork, paged_attention_reference  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                   reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = kernel_device()
+INTERPRET = DEVICE == "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # per-row relative error
 
 
@@ -117,20 +112,17 @@ def run_case(batch: Batch, *, num_kv_heads=2, group=4, head_dim=64, page_size=16
 
 # ---- CPU (interpreter) and GPU alike: small shapes ----
 
-@needs_kernels
 def test_decode_no_sharing(monkeypatch):
     """Prefix groups of size 1: each request's prefix item has one row."""
     run_case(random_tree(random.Random(), 6, levels=1, max_group=1, max_prefix=50, max_suffix=40),
              monkeypatch=monkeypatch)
 
 
-@needs_kernels
 def test_decode_group_of_two(monkeypatch):
     batch = Batch({0: 37, 1: 16}, [Request([0], 1, 5), Request([0], 1, 17), Request([1], 1, 1), Request([1], 1, 33)])
     run_case(batch, monkeypatch=monkeypatch)
 
 
-@needs_kernels
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_decode_many_levels_gqa(group, monkeypatch):
     """Several levels of shared prefixes, big groups, ragged lengths, GQA ratios incl. non-powers of two."""
@@ -138,7 +130,6 @@ def test_decode_many_levels_gqa(group, monkeypatch):
     run_case(batch, group=group, num_kv_heads=8 // group if group < 8 else 1, monkeypatch=monkeypatch)
 
 
-@needs_kernels
 @pytest.mark.parametrize("big_m", [64, 128])
 def test_decode_one_big_group_split_k(big_m, monkeypatch):
     """One group bigger than a tile (several query blocks) over a prefix split across programs."""
@@ -150,7 +141,6 @@ def test_decode_one_big_group_split_k(big_m, monkeypatch):
     assert plan.split_len < 700 and plan.num_merge_rows == 37 and plan.big_m == big_m
 
 
-@needs_kernels
 @pytest.mark.parametrize("page_size", [1, 4, 128])
 def test_page_sizes(page_size, monkeypatch):
     batch = random_tree(random.Random(), 6, levels=2, max_group=4, max_prefix=90, max_suffix=40)
@@ -162,21 +152,18 @@ def test_page_sizes(page_size, monkeypatch):
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRET, reason="interpreter bf16 dot"))
 
 
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, BF16_ON_GPU])
 def test_half_dtypes_head_dim_128(dtype, monkeypatch):
     batch = random_tree(random.Random(), 5, levels=2, max_group=3, max_prefix=40, max_suffix=30)
     run_case(batch, head_dim=128, dtype=dtype, num_kv_heads=1, monkeypatch=monkeypatch)
 
 
-@needs_kernels
 def test_extend_chunks_with_context_and_prefixes(monkeypatch):
     """Causal prefill chunks (ragged, with earlier context) under shared prefixes, through extend_attention."""
     batch = random_tree(random.Random(), 4, levels=2, max_group=3, max_prefix=40, max_suffix=50, chunk=(2, 40))
     run_case(batch, entry=extend_attention, monkeypatch=monkeypatch)
 
 
-@needs_kernels
 def test_extend_long_chunk_split_and_direct(monkeypatch):
     """A chunk without prefix (direct rows) next to a long one split over programs; fp16."""
     batch = Batch({}, [Request([], 9, 9), Request([], 150, 310), Request([], 1, 20)])
@@ -186,7 +173,6 @@ def test_extend_long_chunk_split_and_direct(monkeypatch):
     assert plan.split_len < 310 and plan.num_merge_rows < 160
 
 
-@needs_kernels
 def test_mixed_step_decodes_and_chunks(monkeypatch):
     batch = random_tree(random.Random(), 6, levels=2, max_group=3, max_prefix=30, max_suffix=20)
     batch.requests += [Request([], 17, 40), Request([0], 5, 5)]  # a new chunk joins prefix 0's group
@@ -194,7 +180,6 @@ def test_mixed_step_decodes_and_chunks(monkeypatch):
     run_case(batch, monkeypatch=monkeypatch)
 
 
-@needs_kernels
 def test_uncovered_rows_are_zero():
     """The reference gives 0 for a row no item covers; so does the kernel (empty items too)."""
     k = torch.randn(4, 16, 1, 64, device=DEVICE)
@@ -205,7 +190,6 @@ def test_uncovered_rows_are_zero():
     torch.testing.assert_close(out, ref)
 
 
-@needs_kernels
 def test_other_head_dims_fall_back_with_one_warning():
     k = torch.randn(4, 16, 1, 48, device=DEVICE)
     q = torch.randn(2, 2, 48, device=DEVICE)
