@@ -271,3 +271,16 @@ def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama_dir)
     fused = fused_engine.generate(prompts, params)
     assert fused_engine.last_stats.shared_prefixes >= 2
     assert [o.token_ids for o in fused] == [o.token_ids for o in reference]
+
+
+def test_a_moved_work_list_keeps_its_host_copy_for_planning():
+    """The engine builds the work list on the host and moves it: the planner then reads the host copy
+    (no device-to-host round trip per step) and plans exactly what it would from the moved tensors."""
+    work = AttentionWork.from_lists([0, 2], [2, 1], [5, 3], [0, 1], [[4, 1], [7]])
+    moved = work.to(DEVICE)
+    assert moved.host is work
+    from_host = ap.plan_on_host(moved, 3, 4, 2, 132, 32)
+    from_device = ap.plan_on_host(AttentionWork(*[getattr(moved, f) for f in (
+        "q_start", "q_len", "kv_len", "causal", "page_start", "page_ids", "num_items", "max_q_len", "max_kv_len")]),
+        3, 4, 2, 132, 32)
+    assert np.array_equal(from_host.tiles, from_device.tiles)

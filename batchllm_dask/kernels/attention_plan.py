@@ -137,8 +137,9 @@ def choose_split_len(kv_end: np.ndarray, big: np.ndarray, num_kv_heads: int, num
 def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int,
                  block_n: int) -> HostPlan:
     """Tile the work list on the host (see the module docstring); rows >= the items' rows are uncovered."""
-    host = [t.cpu().numpy().astype(np.int64) for t in (work.q_start, work.q_len, work.kv_len,
-                                                       work.causal, work.page_start)]
+    src = work.host if work.host is not None else work  # the engine's host copy: no device round trip
+    host = [t.cpu().numpy().astype(np.int64) for t in (src.q_start, src.q_len, src.kv_len,
+                                                       src.causal, src.page_start)]
     q_start, q_len, kv_len, causal, page_start = (a[:work.num_items] for a in host)
     small_m, big_m = tile_sizes(group, int(q_len.max(initial=0)))
     item, q_off, n_rows, kv_end, big = _query_blocks(q_len, kv_len, causal, small_m // group, big_m // group)

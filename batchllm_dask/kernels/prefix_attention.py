@@ -27,8 +27,9 @@ counts, read from the device, do nothing.  The same kernels, one flag.
 Limits: head_dim a power of two from 16 to 256 (the engine sends 64 and 128;
 others fall back to the reference with a warning), q and the caches of one
 dtype (fp16, bf16 or fp32; fp32 dots are exact, not tf32), the page size a power
-of two, the GQA ratio at most 128.  The plan is built on the host: one
-device-to-host copy of the work list per step (cached for the step's layers).
+of two, the GQA ratio at most 128.  The plan is built on the host, from
+the work list's host copy where it has one (else one device-to-host copy per
+step), and cached for the step's layers.
 """
 from __future__ import annotations
 

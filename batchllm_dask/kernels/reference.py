@@ -27,7 +27,7 @@ Every row of q must be covered by at least one item.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +37,9 @@ class AttentionWork:
     """One step's attention work list (int32 tensors on the device of q).
 
     `max_q_len`, `max_kv_len` and `num_items` are host integers so launchers
-    can size grids without a device synchronisation.
+    can size grids without a device synchronisation.  `host`: the same work list
+    on the CPU when this one was moved from there (`to`), so a launcher that
+    plans on the host reads it without copying the device tensors back.
     """
 
     q_start: torch.Tensor  # [N] first query row of the item
@@ -49,12 +51,14 @@ class AttentionWork:
     num_items: int
     max_q_len: int
     max_kv_len: int
+    host: "AttentionWork | None" = field(default=None, compare=False, repr=False)
 
     def to(self, device: torch.device | str) -> "AttentionWork":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        host = self if self.page_ids.device.type == "cpu" else self.host
         return AttentionWork(move(self.q_start), move(self.q_len), move(self.kv_len), move(self.causal),
                              move(self.page_start), move(self.page_ids), self.num_items, self.max_q_len,
-                             self.max_kv_len)
+                             self.max_kv_len, host)
 
     @classmethod
     def from_lists(cls, q_start: list[int], q_len: list[int], kv_len: list[int], causal: list[int],
