@@ -13,9 +13,14 @@ and gain nothing from running side by side on one device.
 
 `engine_loads()` tells how many engines this process has built; tests call it
 on every worker with `client.run(engine_loads)`.
+
+On a `distributed` worker, `profiler_paused` stops the worker's statistical
+profiler while the engine generates (see its docstring for why).
 """
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 import warnings
 from contextlib import contextmanager
@@ -129,12 +134,63 @@ def run_partition(part: pd.DataFrame, spec: EngineSpec, sampling: Any, output_co
     if todo:
         cached = get_engine(spec)
         prompts = [ids[i] for i in todo]  # numpy arrays: the engine checks and converts them once
-        with cached.lock:
+        with cached.lock, profiler_paused():
             outs = cached.engine.generate(prompts, sampling)
         for i, out in zip(todo, outs):
             results[i] = out
     out = drop_internal(part).assign(**result_columns(part.index, results, errors, output_col))
     return restore_index(out, index_names) if index_names is not None else out
+
+
+PAUSE_PROFILER = "batchllm.pause-worker-profiler"  # dask config key; default True
+
+
+@contextmanager
+def profiler_paused() -> Iterator[bool]:
+    """Stop this process's Dask worker profiler inside the block, then start it again; yields whether it did.
+
+    A `distributed` worker samples the stack of every running task every 10 ms
+    (`distributed.worker.profile.interval`) on its event loop thread.  The
+    engine's step loop is host-bound: it launches kernels, and every launch
+    lets go of the GIL and must take it back, behind the sampler when it
+    is waiting.  Measured on the tiny CPU engine, the sampler cost the engine
+    about 5% of its time (BENCHMARKS.md, Dask layer).  Only the engine's own
+    `generate` runs unprofiled; reading, tokenizing and shuffling are still
+    sampled.  Does nothing outside a worker, when the worker does not profile,
+    or when the dask config sets `batchllm.pause-worker-profiler: false` (to
+    see the engine in the dashboard's profile).
+    """
+    worker, callback = _worker_profiler()
+    if callback is None or not callback.is_running():
+        yield False
+        return
+    _on_loop(worker, callback.stop)
+    try:
+        yield True
+    finally:
+        _on_loop(worker, callback.start)
+
+
+def _worker_profiler() -> tuple[Any, Any]:
+    """(this task's worker, its profile PeriodicCallback), or (None, None): no worker, no profiling, pausing off."""
+    if "distributed" not in sys.modules:  # nothing imported distributed: this is no worker
+        return None, None
+    import dask
+    from distributed import get_worker
+    if not dask.config.get(PAUSE_PROFILER, True):
+        return None, None
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None, None
+    return worker, getattr(worker, "periodic_callbacks", {}).get("profile")
+
+
+def _on_loop(worker: Any, fn: Any) -> None:
+    """Run fn on the worker's event loop (a PeriodicCallback belongs to its loop) and wait until it has run."""
+    async def call() -> None:
+        fn()
+    asyncio.run_coroutine_threadsafe(call(), worker.loop.asyncio_loop).result(timeout=10)
 
 
 def result_columns(index: pd.Index, results: list[Any], errors: list[Any], output_col: str) -> dict[str, pd.Series]:

@@ -73,13 +73,13 @@ def save_tiny_checkpoint(path: Path, vocab: int) -> Path:
 
 def run_direct(model: str, prompts: list[list[int]], max_tokens: int, engine_options: dict,
                repeats: int = 1) -> dict:
-    """Engine.generate on every prompt at once, after a warm-up call, `repeats` times (median kept);
-    the engine is released after."""
+    """Engine.generate on every prompt at once, after a warm-up call on all of them (it captures every
+    CUDA graph the timed calls replay), `repeats` times (median kept); the engine is released after."""
     from batchllm_dask.engine import Engine, SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine = Engine(model, **engine_options)
-    engine.generate(prompts[:4], sampling)
+    engine.generate(prompts, sampling)
     times = []
     for _ in range(repeats):
         _sync()
@@ -96,43 +96,63 @@ def run_direct(model: str, prompts: list[list[int]], max_tokens: int, engine_opt
 
 def run_dask(model: str, prompts: list[list[int]], max_tokens: int, engine_options: dict,
              gpu: bool, input_partitions: int, npartitions: int | None, repeats: int = 1,
-             parquet: Path | None = None) -> dict:
-    """ddf.llm.generate on a LocalCluster of one worker, after a warm-up that loads the worker's engine,
-    `repeats` times (median kept, with the worker's own Engine.generate time of each).
+             parquet: Path | None = None, pause_profiler: bool = True) -> dict:
+    """ddf.llm.generate on a LocalCluster of one worker, after a warm-up compute of the same graph (it loads
+    the worker's engine and captures its CUDA graphs), `repeats` times (median kept), with the worker's own
+    Engine.generate time of each run and the time its profiler spent sampling.
 
     The rows come from `dd.from_pandas` (the client's memory, shipped inside the graph) or, given
     `parquet`, from `dd.read_parquet` of the same rows written there (read by the worker, as in a pipeline)."""
+    import dask
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
     import batchllm_dask
-    from batchllm_dask.worker import engine_stats
+    from batchllm_dask.worker import PAUSE_PROFILER, engine_stats
 
     frame = pd.DataFrame({"prompt": pd.Series(prompts, dtype=pd.ArrowDtype(pa.list_(pa.int32())))})
     # npartitions None: the default, one output partition per GPU worker (here one).
     options = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, npartitions=npartitions, **engine_options)
     resources = {"GPU": 1} if gpu else None
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources=resources,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        warm = dd.from_pandas(frame.head(4), npartitions=1).llm.generate("prompt", model, **options)
-        with batchllm_dask.gpu_resources() as annotated:
-            warm.compute()
+    with dask.config.set({PAUSE_PROFILER: pause_profiler}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources=resources,
+                         dashboard_address=None) as cluster, Client(cluster) as client:
         ddf = dd.read_parquet(parquet) if parquet else dd.from_pandas(frame, npartitions=input_partitions)
         out = ddf.llm.generate("prompt", model, **options)
         partitions = out.npartitions
-        times, engine_times = [], []
+        with batchllm_dask.gpu_resources() as annotated:
+            out.compute()  # warm-up
+        times, engine_times, profiling = [], [], []
         for _ in range(repeats):
+            _wait_until_released(client)  # else the scheduler may still hold the last run's result
+            sampled = _profile_seconds(client)
             start = time.perf_counter()
             with batchllm_dask.gpu_resources():
                 result = out.compute()
             times.append(time.perf_counter() - start)
             engine_times.append(sum(s.seconds for s in client.run(engine_stats).values() if s is not None))
+            profiling.append(_profile_seconds(client) - sampled)
         loads = sum(client.run(batchllm_dask.engine_loads).values())
     result = result.sort_index()
     return {"seconds": statistics.median(times), "all_seconds": times, "engine_seconds": engine_times,
+            "overhead_seconds": [t - e for t, e in zip(times, engine_times)], "profiler_seconds": profiling,
             "annotated": annotated, "engine_loads": loads, "partitions": partitions,
             "completion_tokens": result["completion_tokens"].tolist(),
             "errors": int((result.finish_reason == "error").sum())}
+
+
+def _wait_until_released(client: Any, timeout: float = 30.0) -> None:
+    """Until the scheduler holds no task (the previous compute's keys are released)."""
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _profile_seconds(client: Any) -> float:
+    """Seconds the workers' statistical profilers have spent sampling so far."""
+    def spent(dask_worker: Any) -> float:
+        return float(dask_worker.digests_total.get("profile-duration", 0.0))
+    return sum(client.run(spent).values())
 
 
 def write_parquet(path: Path, prompts: list[list[int]], partitions: int) -> Path:
@@ -171,11 +191,14 @@ def _free() -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="shared-instructions", choices=sorted(WORKLOADS))
-    ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--input-partitions", type=int, default=8, help="partitions of the input dataframe")
     ap.add_argument("--npartitions", type=int, default=None, help="output partitions (default: one per GPU worker)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (the median is reported)")
+    ap.add_argument("--sources", default="parquet,memory", help="where the Dask runs read the rows from")
+    ap.add_argument("--keep-profiler", action="store_true",
+                    help="leave the worker's profiler sampling while the engine runs (batchllm.pause-worker-profiler off)")
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny model, tiny workload, fp32")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_dask.json")
     args = ap.parse_args(argv)
@@ -202,38 +225,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"direct: median {direct['seconds']:.2f} s of {_fmt(direct['all_seconds'])}", flush=True)
         parquet = write_parquet(Path(tmp) / "rows.parquet", prompts, args.input_partitions)
         runs = {}
-        for source, path in (("parquet", parquet), ("memory", None)):
+        sources = {"parquet": parquet, "memory": None}
+        for source in args.sources.split(","):
             runs[source] = run_dask(str(model), prompts, max_tokens, engine_options, gpu=not args.tiny,
                                     input_partitions=args.input_partitions, npartitions=args.npartitions,
-                                    repeats=args.repeats, parquet=path)
+                                    repeats=args.repeats, parquet=sources[source],
+                                    pause_profiler=not args.keep_profiler)
             print(f"dask from {source}: median {runs[source]['seconds']:.2f} s of "
                   f"{_fmt(runs[source]['all_seconds'])}; the worker's Engine.generate took "
-                  f"{_fmt(runs[source]['engine_seconds'])}", flush=True)
-        dask_run = runs["parquet"]  # the issue's usage: dd.read_parquet(...).llm.generate(...)
+                  f"{_fmt(runs[source]['engine_seconds'])}, the rest {_fmt(runs[source]['overhead_seconds'])}, "
+                  f"its profiler sampled for {_fmt(runs[source]['profiler_seconds'])}", flush=True)
+        dask_run = runs[args.sources.split(",")[0]]  # parquet first: the issue's dd.read_parquet(...).llm.generate
 
     out_tokens = shape["output_tokens"]
     direct_complete = all(len(t) == max_tokens for t in direct["tokens"])
-    dask_complete = dask_run["errors"] == 0 and all(n == max_tokens for n in dask_run["completion_tokens"])
     report = {
         "workload": workload, "scale": args.scale, "model": "tiny" if args.tiny else args.shape,
         "requests": shape["requests"], "prompt_tokens": shape["prompt_tokens"], "output_tokens": out_tokens,
-        "direct_seconds": direct["seconds"], "dask_seconds": dask_run["seconds"],
-        "direct_all_seconds": direct["all_seconds"], "dask_all_seconds": dask_run["all_seconds"],
-        "dask_worker_engine_seconds": dask_run["engine_seconds"],
-        "dask_from_memory_seconds": runs["memory"]["seconds"],
-        "dask_from_memory_all_seconds": runs["memory"]["all_seconds"],
-        "ratio_from_memory": direct["seconds"] / runs["memory"]["seconds"],
-        "direct_tokens_per_s": out_tokens / direct["seconds"], "dask_tokens_per_s": out_tokens / dask_run["seconds"],
-        "ratio": direct["seconds"] / dask_run["seconds"],
-        "within_10_percent": direct["seconds"] / dask_run["seconds"] >= 0.9,  # throughput ratio
-        "complete": direct_complete and dask_complete, "gpu_annotated": dask_run["annotated"],
-        "worker_engine_loads": dask_run["engine_loads"], "dask_partitions": dask_run["partitions"],
-        "device": _device_name(),
+        "pause_worker_profiler": not args.keep_profiler, "device": _device_name(),
+        "direct": {"seconds": direct["seconds"], "all_seconds": direct["all_seconds"],
+                   "tokens_per_s": out_tokens / direct["seconds"], "complete": direct_complete},
+        "dask": {},
     }
-    print(f"direct {report['direct_tokens_per_s']:,.0f} tok/s   dask {report['dask_tokens_per_s']:,.0f} tok/s   "
-          f"ratio {report['ratio']:.3f} (from memory {report['ratio_from_memory']:.3f})   within 10%: {report['within_10_percent']}   complete: {report['complete']}")
+    for source, run in runs.items():
+        complete = run["errors"] == 0 and all(n == max_tokens for n in run["completion_tokens"])
+        ratio = direct["seconds"] / run["seconds"]  # throughput of Dask over throughput of direct
+        report["dask"][source] = {
+            **{k: run[k] for k in ("seconds", "all_seconds", "engine_seconds", "overhead_seconds",
+                                   "profiler_seconds", "annotated", "engine_loads", "partitions")},
+            "tokens_per_s": out_tokens / run["seconds"], "ratio": ratio, "within_10_percent": ratio >= 0.9,
+            "complete": complete}
+        print(f"{source}: direct {out_tokens / direct['seconds']:,.0f} tok/s   dask {out_tokens / run['seconds']:,.0f} "
+              f"tok/s   ratio {ratio:.3f}   within 10%: {ratio >= 0.9}   complete: {direct_complete and complete}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_dask.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = f"bench_dask_{workload}_{args.scale:g}{'_profiler' if args.keep_profiler else ''}.json"
+    (Path(args.out) / name).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -9,4 +9,4 @@ timeout 330 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ 2>&1 | tee
     | grep -E "GPU greedy|passed|failed|Error|FAILED"
 python3 benchmarks/bench_engine.py --out "$OUT" --scale 0.25 --hf-workloads shared-instructions 2>&1 \
     | grep -v -E "Writing|Loading" | tee "$OUT/bench_engine.log" | grep -v '^{'
-python3 benchmarks/bench_dask.py --out "$OUT" --scale 0.25 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"
+python3 benchmarks/bench_dask.py --out "$OUT" 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"

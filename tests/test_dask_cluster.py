@@ -16,7 +16,7 @@ import batchllm_dask
 import batchllm_dask.planning
 from batchllm_dask.engine import Engine, SamplingParams
 from _helpers import to_dask
-from batchllm_dask.worker import engine_loads
+from batchllm_dask.worker import PAUSE_PROFILER, engine_loads, profiler_paused
 
 distributed = pytest.importorskip("distributed")
 
@@ -107,6 +107,22 @@ def test_the_engine_is_loaded_once_per_worker(client, model):
             out.compute()
     loads = client.run(engine_loads)
     assert len(loads) == 2 and max(loads.values()) == 1 and sum(loads.values()) >= 1
+
+
+def _profiler_states(pause: bool) -> tuple[bool, bool, bool, bool]:
+    """On a worker, with the pause config set to `pause`: (paused, running inside, running before, after)."""
+    profile = distributed.get_worker().periodic_callbacks["profile"]
+    before = profile.is_running()
+    with dask.config.set({PAUSE_PROFILER: pause}), profiler_paused() as paused:
+        inside = profile.is_running()
+    return paused, inside, before, profile.is_running()
+
+
+def test_the_worker_profiler_is_paused_while_the_engine_runs_and_resumed_after(client):
+    assert client.submit(_profiler_states, True, pure=False).result() == (True, False, True, True)
+    assert client.submit(_profiler_states, False, pure=False).result() == (False, True, True, True)
+    with profiler_paused() as paused:  # not on a worker: nothing to pause
+        assert paused is False
 
 
 def test_bad_rows_error_and_their_neighbours_complete(client, model):

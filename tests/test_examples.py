@@ -64,12 +64,17 @@ def test_cli_demo_runs_the_default_model_and_prints_throughput(capsys):
 
 def test_bench_dask_tiny_runs_both_paths_and_writes_json(tmp_path):
     bench = load_module(ROOT / "benchmarks" / "bench_dask.py")
-    report = bench.main(["--tiny", "--scale", "0.05", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "bench_dask.json").read_text())
-    assert set(saved) == set(report) and saved["ratio"] == pytest.approx(report["ratio"])
-    assert report["complete"] and report["worker_engine_loads"] == 1
-    assert report["direct_seconds"] > 0 and report["dask_seconds"] > 0
-    assert report["ratio"] == pytest.approx(report["direct_seconds"] / report["dask_seconds"])
+    report = bench.main(["--tiny", "--scale", "0.05", "--repeats", "2", "--out", str(tmp_path)])
+    (saved_file,) = tmp_path.glob("bench_dask_*.json")
+    saved = json.loads(saved_file.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert report["direct"]["complete"] and report["direct"]["seconds"] > 0
+    assert set(report["dask"]) == {"parquet", "memory"}
+    for run in report["dask"].values():
+        assert run["complete"] and run["engine_loads"] == 1 and len(run["all_seconds"]) == 2
+        assert run["ratio"] == pytest.approx(report["direct"]["seconds"] / run["seconds"])
+        assert all(e > 0 for e in run["engine_seconds"])
+        assert run["overhead_seconds"] == pytest.approx([t - e for t, e in zip(run["all_seconds"], run["engine_seconds"])])
 
 
 def test_device_setup_script_names_every_wheel_the_device_lacks():
