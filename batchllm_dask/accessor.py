@@ -6,7 +6,10 @@
 
 A Dask call is lazy: it returns `map_partitions(run_partition, ..., meta=...)`
 over the prefix-aware shuffle of `planning.prefix_shuffle`, with an explicit
-meta, so nothing runs (and no model loads) until the result is computed.
+meta, so nothing runs (and no model loads) until the result is computed.  With
+one output partition (one GPU worker) there is nothing to plan: the input is
+repartitioned into one and a single `generate_partition` task tokenizes and
+generates.
 Arguments are checked here, eagerly: a missing column raises `KeyError`, a bad
 sampling or engine value `ValueError`, an unknown option `TypeError`.
 
@@ -29,7 +32,7 @@ import pandas as pd
 
 from .planning import (ERROR, KEY, KEY_LEN, TARGET, TOKENS, drop_internal, prefix_shuffle, restore_index,
                        token_counts, tokenize)
-from .worker import EngineSpec, cluster_workers, result_meta, run_partition
+from .worker import EngineSpec, cluster_workers, generate_partition, result_meta, run_partition
 
 
 def _dask_dataframe_types() -> tuple[type, type]:
@@ -82,8 +85,7 @@ def default_npartitions(ddf: Any) -> int:
 def _generate_pandas(df: pd.DataFrame, prompt_col: str, spec: EngineSpec, sampling: Any,
                      chat: bool, output_col: str) -> pd.DataFrame:
     """All rows in one `Engine.generate` call (the engine shares prefixes across them), in the input's order."""
-    from .planning import tokenize_partition
-    return run_partition(tokenize_partition(df, prompt_col, spec.model, chat), spec, sampling, output_col)
+    return generate_partition(df, prompt_col, spec, sampling, chat, output_col)
 
 
 def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, chat: bool,
@@ -91,8 +93,8 @@ def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, c
     n = npartitions or default_npartitions(ddf)
     meta = result_meta(ddf._meta, output_col)
     if n == 1:  # one engine call sees every row: nothing to plan, no shuffle; tokenize in that one task
-        tok = tokenize(ddf.repartition(npartitions=1), prompt_col, spec.model, chat=chat)
-        return tok.map_partitions(run_partition, spec, sampling, output_col, meta=meta)
+        return ddf.repartition(npartitions=1).map_partitions(generate_partition, prompt_col, spec, sampling, chat,
+                                                             output_col, meta=meta)
     tok = tokenize(ddf, prompt_col, spec.model, chat=chat)  # the spec's resolved path
     planned = prefix_shuffle(tok, max_tokens=sampling.max_tokens, npartitions=n)
     names = list(ddf._meta.index.names)

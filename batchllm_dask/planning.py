@@ -130,8 +130,8 @@ def encode(tokenizer: Any, kinds: list[tuple[str, Any]]) -> list[Any]:
     return out
 
 
-def tokenize_partition(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -> pd.DataFrame:
-    """`part` plus TOKENS (ids, null on error) and ERROR (message or None)."""
+def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -> tuple[list[Any], list[str | None]]:
+    """(token ids, error) of every row of `part`: ids None where the row has an error message."""
     rows = None if chat else arrow_token_rows(part[prompt_col])
     if rows is not None:
         kinds = [("error", "prompt is null") if r is None else ("error", "empty prompt") if not len(r) else ("ids", r)
@@ -151,6 +151,14 @@ def tokenize_partition(part: pd.DataFrame, prompt_col: str, model: str, chat: bo
     for i, row in enumerate(ids):
         if errors[i] is None and (row is None or len(row) == 0):
             errors[i], ids[i] = "empty prompt", None
+        elif errors[i] is not None:
+            ids[i] = None
+    return ids, errors
+
+
+def tokenize_partition(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -> pd.DataFrame:
+    """`part` plus TOKENS (ids, null on error) and ERROR (message or None): the ids travel with their row."""
+    ids, errors = tokenize_rows(part, prompt_col, model, chat)
     return part.assign(**{TOKENS: token_column(ids, part.index),
                           ERROR: pd.Series(errors, index=part.index, dtype=object)})
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays
+from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays, tokenize_rows
 
 
 @dataclass(frozen=True)
@@ -122,24 +122,39 @@ def run_partition(part: pd.DataFrame, spec: EngineSpec, sampling: Any, output_co
     """Generate every row of a planned partition: token ids in, completion columns out.
 
     `part` carries the token ids (`planning.TOKENS`) and any tokenization error
-    (`planning.ERROR`).  Rows without an error go to one `Engine.generate` call;
-    the rest keep their error.  The internal columns are dropped and, when
+    (`planning.ERROR`).  The internal columns are dropped and, when
     `index_names` is given, the original index (stashed by the planner before
     the shuffle) is restored.
     """
-    ids = token_arrays(part[TOKENS])
-    errors = part[ERROR].tolist()
+    out = generate_rows(drop_internal(part), token_arrays(part[TOKENS]), part[ERROR].tolist(), spec, sampling,
+                        output_col)
+    return restore_index(out, index_names) if index_names is not None else out
+
+
+def generate_partition(part: pd.DataFrame, prompt_col: str, spec: EngineSpec, sampling: Any, chat: bool,
+                       output_col: str) -> pd.DataFrame:
+    """Tokenize and generate every row of `part` in one go: the pandas path, and a Dask job of one partition.
+
+    One task instead of two, and no trip of the token ids through an Arrow column.
+    """
+    ids, errors = tokenize_rows(part, prompt_col, spec.model, chat)
+    return generate_rows(part, ids, errors, spec, sampling, output_col)
+
+
+def generate_rows(part: pd.DataFrame, ids: list[Any], errors: list[Any], spec: EngineSpec, sampling: Any,
+                  output_col: str) -> pd.DataFrame:
+    """`part` plus the completion columns: rows without an error go to one `Engine.generate` call,
+    the rest keep their error."""
     todo = [i for i, e in enumerate(errors) if not isinstance(e, str)]
     results: list[Any] = [None] * len(part)
     if todo:
         cached = get_engine(spec)
-        prompts = [ids[i] for i in todo]  # numpy arrays: the engine checks and converts them once
+        prompts = [ids[i] for i in todo]  # lists or numpy arrays: the engine checks and converts them once
         with cached.lock, profiler_paused():
             outs = cached.engine.generate(prompts, sampling)
         for i, out in zip(todo, outs):
             results[i] = out
-    out = drop_internal(part).assign(**result_columns(part.index, results, errors, output_col))
-    return restore_index(out, index_names) if index_names is not None else out
+    return part.assign(**result_columns(part.index, results, errors, output_col))
 
 
 PAUSE_PROFILER = "batchllm.pause-worker-profiler"  # dask config key; default True

@@ -89,7 +89,7 @@ def test_bad_rows_get_an_error_and_every_other_row_completes(model):
     assert len(out) == len(df)
 
 
-@pytest.mark.parametrize("in_parts,out_parts,seed", [(1, 2, 0), (3, 2, 1), (4, 3, 2)])
+@pytest.mark.parametrize("in_parts,out_parts,seed", [(1, 2, 0), (3, 2, 1), (4, 3, 2), (3, 1, 3)])
 def test_dask_matches_the_engine_whatever_the_partitions_and_row_order(model, direct, in_parts, out_parts, seed):
     df = frame(review_prompts())
     shuffled = df.sample(frac=1.0, random_state=seed)
@@ -100,9 +100,10 @@ def test_dask_matches_the_engine_whatever_the_partitions_and_row_order(model, di
     assert_matches_direct(result, df, direct)
 
 
-def test_dask_meta_is_explicit_and_matches_the_computed_frame(model):
+@pytest.mark.parametrize("out_parts", [2, 1])
+def test_dask_meta_is_explicit_and_matches_the_computed_frame(model, out_parts):
     df = frame(review_prompts(8))
-    out = to_dask(df, 2).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+    out = to_dask(df, 2).llm.generate("prompt", model, npartitions=out_parts, **SAMPLING, **ENGINE)
     assert list(out.columns) == list(df.columns) + RESULT_COLUMNS
     assert out._meta.index.name == "rid"
     result = out.compute(scheduler="sync")

@@ -56,14 +56,15 @@ def model(tiny_llama_dir) -> str:
     return str(tiny_llama_dir)
 
 
-def test_generate_tasks_carry_the_gpu_resource_when_workers_declare_gpus(client, model):
-    out = to_dask(prompts(), 2).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+@pytest.mark.parametrize("npartitions,task", [(2, "run_partition"), (1, "generate_partition")])
+def test_generate_tasks_carry_the_gpu_resource_when_workers_declare_gpus(client, model, npartitions, task):
+    out = to_dask(prompts(), 2).llm.generate("prompt", model, npartitions=npartitions, **SAMPLING, **ENGINE)
     with batchllm_dask.gpu_resources() as annotated:
         assert annotated is True and dask.get_annotations()["resources"] == {"GPU": 1}
         persisted = out.persist()
     distributed.wait(persisted)
     tasks = client.cluster.scheduler.tasks
-    keys = [k for k in tasks if "run_partition" in str(k)]
+    keys = [k for k in tasks if task in str(k)]
     assert keys and all(tasks[k].resource_restrictions == {"GPU": 1} for k in keys)
     del persisted
 
