@@ -167,13 +167,16 @@ def profiler_paused() -> Iterator[bool]:
     A `distributed` worker samples the stack of every running task every 10 ms
     (`distributed.worker.profile.interval`) on its event loop thread.  The
     engine's step loop is host-bound: it launches kernels, and every launch
-    lets go of the GIL and must take it back, behind the sampler when it
-    is waiting.  Measured on the tiny CPU engine, the sampler cost the engine
-    about 5% of its time (BENCHMARKS.md, Dask layer).  Only the engine's own
-    `generate` runs unprofiled; reading, tokenizing and shuffling are still
-    sampled.  Does nothing outside a worker, when the worker does not profile,
-    or when the dask config sets `batchllm.pause-worker-profiler: false` (to
-    see the engine in the dashboard's profile).
+    lets go of the GIL and must take it back, behind the sampler when it is
+    waiting.  On the H100 the sampler held the GIL for 0.11-0.16 s of every
+    7 s run (BENCHMARKS.md, Dask layer): small, below the run-to-run noise, but
+    spent on the engine's critical path for a profile of code whose time is on
+    the GPU.  Only the engine's own `generate` runs unprofiled; reading,
+    tokenizing and shuffling are still sampled.
+
+    Does nothing outside a worker, when the worker does not profile, or when
+    the dask config sets `batchllm.pause-worker-profiler: false` (to see the
+    engine in the dashboard's profile).
     """
     worker, callback = _worker_profiler()
     if callback is None or not callback.is_running():

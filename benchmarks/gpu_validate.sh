@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check of the library in one device run (carry: .whl; results under $OUT):
-# every `gpu` test, then the engine benchmark against transformers, then the Dask-layer benchmark.
+# every `gpu` test, then the engine benchmark against transformers, then the Dask-layer benchmark at
+# scale 0.25 (benchmarks/gpu_dask.sh measures it at the standard scale).
 #   bash benchmarks/gpu_validate.sh
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,4 @@ timeout 330 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ 2>&1 | tee
     | grep -E "GPU greedy|passed|failed|Error|FAILED"
 python3 benchmarks/bench_engine.py --out "$OUT" --scale 0.25 --hf-workloads shared-instructions 2>&1 \
     | grep -v -E "Writing|Loading" | tee "$OUT/bench_engine.log" | grep -v '^{'
-python3 benchmarks/bench_dask.py --out "$OUT" 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"
+python3 benchmarks/bench_dask.py --out "$OUT" --scale 0.25 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"
