@@ -19,10 +19,10 @@ profiler while the engine generates (see its docstring for why).
 """
 from __future__ import annotations
 
-import asyncio
 import sys
 import threading
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +179,9 @@ def profiler_paused() -> Iterator[bool]:
     engine in the dashboard's profile).
     """
     worker, callback = _worker_profiler()
-    if callback is None or not callback.is_running():
+    if callback is None or not callback.is_running() or not _on_loop(worker, callback.stop):
         yield False
         return
-    _on_loop(worker, callback.stop)
     try:
         yield True
     finally:
@@ -204,11 +203,26 @@ def _worker_profiler() -> tuple[Any, Any]:
     return worker, getattr(worker, "periodic_callbacks", {}).get("profile")
 
 
-def _on_loop(worker: Any, fn: Any) -> None:
-    """Run fn on the worker's event loop (a PeriodicCallback belongs to its loop) and wait until it has run."""
-    async def call() -> None:
-        fn()
-    asyncio.run_coroutine_threadsafe(call(), worker.loop.asyncio_loop).result(timeout=10)
+def _on_loop(worker: Any, fn: Any) -> bool:
+    """Run fn on the worker's event loop (a PeriodicCallback belongs to its loop), wait, and say if it ran.
+
+    Pausing the profiler is an optimization: a loop that is closing or does not answer gets a warning, and the
+    generation goes on.
+    """
+    done: Future = Future()
+
+    def call() -> None:
+        try:
+            done.set_result(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            done.set_exception(exc)
+    try:
+        worker.loop.asyncio_loop.call_soon_threadsafe(call)
+        done.result(timeout=10)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure here must not fail the rows
+        warnings.warn(f"could not pause or resume the Dask worker's profiler: {exc!r}", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def result_columns(index: pd.Index, results: list[Any], errors: list[Any], output_col: str) -> dict[str, pd.Series]:

@@ -126,6 +126,21 @@ def test_the_worker_profiler_is_paused_while_the_engine_runs_and_resumed_after(c
         assert paused is False
 
 
+def test_a_profiler_that_cannot_be_paused_warns_and_generation_goes_on(monkeypatch):
+    import asyncio
+    import types
+
+    import batchllm_dask.worker as worker_module
+    closed = asyncio.new_event_loop()
+    closed.close()
+    worker = types.SimpleNamespace(loop=types.SimpleNamespace(asyncio_loop=closed))
+    callback = types.SimpleNamespace(is_running=lambda: True, stop=lambda: None, start=lambda: None)
+    monkeypatch.setattr(worker_module, "_worker_profiler", lambda: (worker, callback))
+    with pytest.warns(RuntimeWarning, match="profiler"), profiler_paused() as paused:
+        ran = True
+    assert ran and paused is False
+
+
 def test_bad_rows_error_and_their_neighbours_complete(client, model):
     df = prompts(3)
     out = to_dask(df, 3).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
