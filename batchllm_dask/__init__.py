@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from .accessor import LLMAccessor, LLMSeriesAccessor, generate
-from .worker import engine_loads, gpu_resources
+from .caches import engine_loads
+from .worker import gpu_resources
 
 __all__ = ["Engine", "SamplingParams", "EngineConfig", "Completion", "generate", "default_model_path",
            "gpu_resources", "engine_loads", "LLMAccessor", "LLMSeriesAccessor"]

@@ -140,7 +140,7 @@ def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -
         kinds = [classify_prompt(v, chat) for v in part[prompt_col].tolist()]
     ids: list[Any] = [p if k == "ids" else None for k, p in kinds]
     if any(k in ("text", "messages") for k, _ in kinds):  # token-id rows need no tokenizer
-        from .worker import get_tokenizer
+        from .caches import get_tokenizer
         tokenizer, lock = get_tokenizer(model)
         try:
             with lock:

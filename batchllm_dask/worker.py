@@ -1,120 +1,21 @@
-"""Per-process engine and tokenizer caches, and the partition runner.
+"""The partition runner: a partition's rows through this process's engine, completion columns out.
 
-A Dask worker process runs many partitions.  Loading a model for each would
-cost more than generating, so every process keeps its `Engine` in a module
-level cache keyed by `EngineSpec` (model path + engine options): the first
-partition loads it, every later partition of that process reuses it.  Only one
-engine is kept per process, because an engine takes most of the GPU's memory
-for its KV pool: asking for another spec releases the previous one.
-
-The same cache serves Dask's threaded scheduler (no cluster) and the pandas
-path; a lock per engine serializes `generate` calls, which are not thread-safe
-and gain nothing from running side by side on one device.
-
-`engine_loads()` tells how many engines this process has built; tests call it
-on every worker with `client.run(engine_loads)`.
-
-On a `distributed` worker, `profiler_paused` stops the worker's statistical
-profiler while the engine generates (see its docstring for why).
+The engine and tokenizer caches it uses live in `caches.py`.  On a
+`distributed` worker, `profiler_paused` stops the worker's statistical profiler
+while the engine generates (see its docstring for why).
 """
 from __future__ import annotations
 
 import sys
-import threading
 import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
 
+from .caches import EngineSpec, engine_loads, engine_stats, get_engine  # noqa: F401 - re-exported
 from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays, tokenize_rows
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What identifies an engine: the checkpoint directory and the `EngineConfig` options.
-
-    `options` is a sorted tuple of (name, value) pairs so that the spec hashes
-    and pickles cheaply (it travels inside every task of the graph).
-    """
-
-    model: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def make(cls, model: str, options: dict[str, Any]) -> "EngineSpec":
-        """A spec whose model path is absolute where it exists here (workers may run elsewhere in the tree)."""
-        path = Path(model).expanduser()
-        return cls(str(path.resolve()) if path.exists() else str(model), tuple(sorted(options.items())))
-
-    def build(self) -> Any:
-        from .engine import Engine  # torch is imported here, on the worker, not by the client
-        return Engine(self.model, **dict(self.options))
-
-
-@dataclass
-class _Cached:
-    spec: EngineSpec
-    engine: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_cache_lock = threading.Lock()
-_engine: _Cached | None = None
-_loads = 0
-_tokenizers: dict[str, tuple[Any, threading.Lock]] = {}
-
-
-def get_engine(spec: EngineSpec) -> _Cached:
-    """This process's engine for `spec`, built on first use (and the lock guarding it)."""
-    global _engine, _loads
-    with _cache_lock:
-        if _engine is None or _engine.spec != spec:
-            if _engine is not None:  # free the previous engine's weights and KV pool before the next loads
-                _engine = None
-                _release_memory()
-            _engine = _Cached(spec, spec.build())
-            _loads += 1
-        return _engine
-
-
-def engine_loads() -> int:
-    """How many engines this process has built (a test reads it on each worker)."""
-    return _loads
-
-
-def engine_stats() -> Any:
-    """The `last_stats` of this process's engine (None before its first call): read with `client.run`."""
-    return _engine.engine.last_stats if _engine is not None else None
-
-
-def clear_engine() -> None:
-    """Drop this process's engine (frees its weights and KV pool)."""
-    global _engine
-    with _cache_lock:
-        _engine = None
-        _release_memory()
-
-
-def _release_memory() -> None:
-    import gc
-    import sys
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def get_tokenizer(model: str) -> tuple[Any, threading.Lock]:
-    """This process's tokenizer of `model` and a lock: a fast tokenizer is not safe across threads."""
-    with _cache_lock:
-        if model not in _tokenizers:
-            from .engine.loader import load_tokenizer
-            _tokenizers[model] = (load_tokenizer(model), threading.Lock())
-        return _tokenizers[model]
 
 
 def run_partition(part: pd.DataFrame, spec: EngineSpec, sampling: Any, output_col: str,

@@ -114,7 +114,7 @@ class DaskPath:
     def run(self) -> tuple[float, float, float]:
         """(seconds, the worker's Engine.generate seconds, seconds its profiler sampled)."""
         import batchllm_dask
-        from batchllm_dask.worker import engine_stats
+        from batchllm_dask.caches import engine_stats
         _wait_until_released(self.client)  # else the scheduler may still hold the last run's result
         sampled = _profile_seconds(self.client)
         start = time.perf_counter()

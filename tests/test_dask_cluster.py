@@ -16,7 +16,8 @@ import batchllm_dask
 import batchllm_dask.planning
 from batchllm_dask.engine import Engine, SamplingParams
 from _helpers import to_dask
-from batchllm_dask.worker import PAUSE_PROFILER, engine_loads, profiler_paused
+from batchllm_dask.caches import engine_loads
+from batchllm_dask.worker import PAUSE_PROFILER, profiler_paused
 
 distributed = pytest.importorskip("distributed")
 

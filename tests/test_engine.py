@@ -96,12 +96,16 @@ def test_computed_prompt_tokens_count_each_shared_prefix_once(tiny_llama_dir):
                for i in range(40)]  # each question starts with its own token
     params = SamplingParams(max_tokens=2, temperature=0.0)
     shared = Engine(tiny_llama_dir, dtype="float32", device="cpu", min_shared_tokens=1)
-    shared.generate(prompts, params)
+    outs = shared.generate(prompts, params)
     assert shared.last_stats.computed_prompt_tokens == trie_count(prompts)
     assert shared.last_stats.prompt_tokens == sum(map(len, prompts))
+    # per request: the tokens it read from a prefix an earlier request computed; they add up to the batch's saving
+    assert sum(o.prompt_tokens - o.cached_tokens for o in outs) == trie_count(prompts)
+    assert sum(o.cached_tokens > 0 for o in outs) == len(prompts) - 1  # only the first request computes the system prompt
     plain = Engine(tiny_llama_dir, dtype="float32", device="cpu", prefix_sharing=False)
-    plain.generate(prompts, params)
+    outs = plain.generate(prompts, params)
     assert plain.last_stats.computed_prompt_tokens == sum(map(len, prompts))
+    assert all(o.cached_tokens == 0 for o in outs)
 
 
 def test_bad_prompts_fail_alone_and_the_rest_completes(tiny_llama_dir):

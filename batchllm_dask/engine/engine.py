@@ -99,6 +99,7 @@ class Engine:
             parent = prefixes[p.parent] if p.parent is not None else None
             prefixes.append(PrefixSeq(p.start, list(p.tokens), parent, rank=len(order), prefix_id=p.id))
         requests = []
+        claimed: set[int] = set()  # prefixes whose computation is credited to an earlier request
         for k in order:
             i, ids = valid[k], prepared[valid[k]].token_ids
             start, node = plan.suffix_start(k), plan.request_prefix[k]
@@ -109,6 +110,9 @@ class Engine:
             for prefix in seq.ancestors():
                 prefix.users += 1
                 prefix.rank = min(prefix.rank, seq.rank)
+                if prefix.prefix_id in claimed:
+                    seq.num_cached += len(prefix.tokens)
+                claimed.add(prefix.prefix_id)
             requests.append(seq)
         return requests
 
@@ -148,7 +152,7 @@ class Engine:
         if seq.finish_reason == "error":
             return Completion(seq.index, error=seq.error, prompt_tokens=len(prompt.token_ids))
         return Completion(seq.index, seq.text, list(seq.output), seq.finish_reason or "length",
-                          len(prompt.token_ids), len(seq.output))
+                          len(prompt.token_ids), len(seq.output), cached_tokens=seq.num_cached)
 
     def _stats(self, completions: list[Completion], plan: PrefixPlan, valid: list[PreparedPrompt],
                scheduler: Scheduler, steps: int, batched_tokens: int, seconds: float) -> GenerationStats:

@@ -11,6 +11,11 @@ class Completion:
     finish_reason: "stop" (EOS, a stop string or stop token), "length"
     (max_tokens or the model's context reached) or "error" (then `error` says
     why and the other fields are empty).
+    cached_tokens: prompt tokens this request read from shared prefixes that
+    another request of the batch computed (each shared prefix is counted as
+    computed by the first request in run order below it, cached for the rest),
+    so prompt_tokens - cached_tokens summed over a batch is its computed prompt
+    tokens (before any recomputation after preemption).
     """
 
     index: int
@@ -20,6 +25,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class RequestSeq(Sequence):
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     num_prompt: int = 0  # length of the own prompt suffix
+    num_cached: int = 0  # prompt tokens of shared prefixes that an earlier request computed
     finish_reason: str | None = None
     error: str | None = None
     text: str = ""
