@@ -2,7 +2,7 @@
 
     batchllm-dask generate rows.parquet answers.parquet --prompt-col prompt --model /models/llama --max-tokens 64
     batchllm-dask demo             # the embedded tiny model, no GPU, no download
-    batchllm-dask bench [ARGS...]  # benchmarks/bench_dask.py, where the source tree has it
+    batchllm-dask bench [ARGS...]  # batchllm_dask.bench.dask_layer
 
 `generate` runs on Dask's local scheduler by default, on a distributed
 cluster with `--scheduler ADDRESS`, or on a fresh local one with `--workers N`
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import runpy
 import sys
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 _SAMPLING = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int}
@@ -56,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=64)
     d.add_argument("--max-tokens", type=int, default=16)
     d.add_argument("--npartitions", type=int, default=4)
-    sub.add_parser("bench", help="benchmarks/bench_dask.py with the arguments that follow (source checkouts only)")
+    sub.add_parser("bench", help="the Dask-layer benchmark (batchllm_dask.bench.dask_layer) with the arguments that follow")
     return ap
 
 
@@ -130,12 +128,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(rest: list[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_dask.py"
-    if not script.is_file():
-        print("batchllm-dask bench needs a source checkout (benchmarks/bench_dask.py); skipped", file=sys.stderr)
-        return 0
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    from .bench.dask_layer import main as bench_main
+    bench_main(rest)
     return 0
 
 

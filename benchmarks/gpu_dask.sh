@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $OUT, the GPU's name
 timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_dask_cluster.py 2>&1 \
     | tee "$OUT/gpu_dask_tests.log" | grep -E "passed|failed|Error|FAILED"
-bench() { timeout 240 python3 benchmarks/bench_dask.py --out "$OUT" "$@" 2>&1 \
+bench() { timeout 240 python3 -m batchllm_dask.bench.dask_layer --out "$OUT" "$@" 2>&1 \
     | grep -v -E "Writing|UserWarning|slowdown|Consider|futures|best-practices|warnings.warn|^$" | tee -a "$OUT/bench_dask.log"; }
 bench --scale 1.0
 bench --scale 1.0 --sources parquet --keep-profiler --repeats 4

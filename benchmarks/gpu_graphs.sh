@@ -12,6 +12,6 @@ for mode in off on; do
     flag="--cuda-graphs $mode"
     mkdir -p "$OUT/graphs_$mode"
     echo "== cuda graphs $mode"
-    python3 benchmarks/bench_engine.py --scale 0.25 --workloads long-output,shared-instructions --hf-workloads '' \
+    python3 -m batchllm_dask.bench.engine --scale 0.25 --workloads long-output,shared-instructions --hf-workloads '' \
         --out "$OUT/graphs_$mode" $flag "$@" 2>&1 | tee "$OUT/bench_graphs_$mode.log" | tail -4
 done

@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $OUT, the GPU's name
 timeout 330 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" \
     | grep -E "GPU greedy|passed|failed|Error|FAILED"
-python3 benchmarks/bench_engine.py --out "$OUT" --scale 0.25 --hf-workloads shared-instructions 2>&1 \
+python3 -m batchllm_dask.bench.engine --out "$OUT" --scale 0.25 --hf-workloads shared-instructions 2>&1 \
     | grep -v -E "Writing|Loading" | tee "$OUT/bench_engine.log" | grep -v '^{'
-python3 benchmarks/bench_dask.py --out "$OUT" --scale 0.25 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"
+python3 -m batchllm_dask.bench.dask_layer --out "$OUT" --scale 0.25 2>&1 | grep -v Writing | tee "$OUT/bench_dask.log"

@@ -63,8 +63,8 @@ def test_cli_demo_runs_the_default_model_and_prints_throughput(capsys):
 
 
 def test_bench_dask_tiny_runs_both_paths_in_pairs_and_writes_json(tmp_path):
-    bench = load_module(ROOT / "benchmarks" / "bench_dask.py")
-    report = bench.main(["--tiny", "--scale", "0.05", "--repeats", "2", "--out", str(tmp_path)])
+    from batchllm_dask.bench import dask_layer
+    report = dask_layer.main(["--tiny", "--scale", "0.05", "--repeats", "2", "--out", str(tmp_path)])
     (saved_file,) = tmp_path.glob("bench_dask_*.json")
     assert json.loads(saved_file.read_text()) == json.loads(json.dumps(report))
     direct = report["direct"]

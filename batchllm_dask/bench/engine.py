@@ -6,7 +6,7 @@ static `generate` (batches of 64, hf_anchor.py) on the same random-weight
 checkpoint; the roofline bound (roofline.py) from the ceilings measured here.
 
 On the device:
-    PYTHONUNBUFFERED=1 python benchmarks/bench_engine.py --scale 0.25 --hf-workloads shared-instructions
+    PYTHONUNBUFFERED=1 python -m batchllm_dask.bench.engine --scale 0.25 --hf-workloads shared-instructions
 """
 from __future__ import annotations
 
@@ -14,20 +14,17 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dask import save_random_checkpoint  # noqa: E402
-from hf_anchor import agreement, ceilings, hf_static  # noqa: E402
-from roofline import SHAPES, lower_bound  # noqa: E402
-from workloads import make_workload, summary  # noqa: E402
-
-from batchllm_dask.engine import Engine, SamplingParams  # noqa: E402
+from ..engine import Engine, SamplingParams
+from ..roofline import SHAPES, lower_bound
+from .checkpoints import save_random_checkpoint
+from .hf_anchor import agreement, ceilings, hf_static
+from .workloads import make_workload, summary
 
 
 def _params(reqs) -> list[SamplingParams]:

@@ -17,9 +17,9 @@ worker's own `Engine.generate` time, so that a run splits into the engine
 and the rest (what the Dask layer itself cost).
 
 On the device (after `source benchmarks/device_setup.sh`):
-    python benchmarks/bench_dask.py                 # shared-instructions, scale 1.0
+    python -m batchllm_dask.bench.dask_layer         # shared-instructions, scale 1.0
 On a CPU, to check the script itself (tiny model, tiny workload, seconds):
-    python benchmarks/bench_dask.py --tiny
+    python -m batchllm_dask.bench.dask_layer --tiny
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,45 +37,13 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import WORKLOADS, make_workload, summary  # noqa: E402
+from .checkpoints import save_random_checkpoint, save_tiny_checkpoint
+from .workloads import WORKLOADS, make_workload, summary
 
 TINY_WORKLOAD = "tiny-shared-instructions"
 WORKLOADS.setdefault(TINY_WORKLOAD, dataclasses.replace(
     WORKLOADS["shared-instructions"], n_systems=4, system_len=(96, 96), question_len=(8, 24), output_len=6,
     description="4 instruction prefixes of 96 tokens x rows of 8-24 tokens, 6 out (script check)"))
-
-
-def save_random_checkpoint(path: Path, shape: str = "llama-1b", device: str = "cuda") -> Path:
-    """A random-weight bf16 checkpoint of a roofline.SHAPES shape, with the embedded byte tokenizer.
-
-    The requests are token ids, so the tokenizer only has to load; EOS is ignored.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from batchllm_dask.engine.default_model import build_tokenizer
-    from roofline import SHAPES
-
-    s = SHAPES[shape]
-    config = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                         head_dim=s.head_dim, max_position_embeddings=8192, tie_word_embeddings=shape == "llama-1b")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return path
-
-
-def save_tiny_checkpoint(path: Path, vocab: int) -> Path:
-    from batchllm_dask.engine.default_model import build_tiny_checkpoint
-    return build_tiny_checkpoint(path, arch="llama", vocab_size=vocab)
 
 
 class DirectPath:
@@ -250,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = save_tiny_checkpoint(Path(tmp) / "tiny", vocab)
             engine_options: dict[str, Any] = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 64 << 20}
         else:
-            from roofline import SHAPES
+            from ..roofline import SHAPES
             vocab = SHAPES[args.shape].vocab
             t = time.perf_counter()
             model = save_random_checkpoint(Path(tmp) / args.shape, args.shape)
