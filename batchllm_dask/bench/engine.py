@@ -64,7 +64,7 @@ def run_ours(engine: Engine, reqs) -> dict:
             "kv_pages": s.kv_pages, "preemptions": s.preemptions, "shared_prefixes": s.shared_prefixes}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-1b", choices=sorted(SHAPES))
     ap.add_argument("--scale", type=float, default=0.25)
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                     help="replay CUDA graphs for decode-only steps (the engine's default: on)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import transformers
     import triton
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
