@@ -61,17 +61,21 @@ ENGINE_VARIANTS = {
     "sharing": dict(prefix_sharing=True, min_shared_tokens=1),
     "no-sharing": dict(prefix_sharing=False),
     "chunked": dict(prefix_sharing=True, max_num_batched_tokens=48),
-    "preempting": dict(prefix_sharing=True, kv_cache_bytes=None, page_size=4),  # KV budget set in the test
+    # a KV pool just above the largest request (set in the test): with no decode reserve, decodes run it dry
+    "preempting": dict(prefix_sharing=True, kv_cache_bytes=None, page_size=4, decode_reserve=0.0),
+    # the same pool with the default full reserve: admission waits instead, nothing is recomputed
+    "tight-reserved": dict(prefix_sharing=True, kv_cache_bytes=None, page_size=4),
 }
+_VARIANT_SEEDS = {name: i for i, name in enumerate(ENGINE_VARIANTS)}  # fixed data per variant (hash() is salted)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
 def test_greedy_matches_transformers(arch, variant, tiny_llama_dir, tiny_qwen_dir, hf_reference):
     path = tiny_llama_dir if arch == "llama" else tiny_qwen_dir
-    prompts, max_tokens = _system_document_question(seed=hash(variant) % 100)
+    prompts, max_tokens = _system_document_question(seed=_VARIANT_SEEDS[variant])
     options = dict(ENGINE_VARIANTS[variant])
-    if variant == "preempting":  # just above the largest request: decodes run the pool dry
+    if options.get("page_size") == 4:  # just above the largest request
         probe = Engine(path, dtype="float32", device="cpu")
         longest = max(len(probe.tokenizer.encode(p)) + m for p, m in zip(prompts, max_tokens))
         a, page_size = probe.args, options["page_size"]
@@ -85,6 +89,8 @@ def test_greedy_matches_transformers(arch, variant, tiny_llama_dir, tiny_qwen_di
     assert stats.requests == len(prompts) and stats.output_tokens == sum(map(len, expected))
     if variant == "preempting":
         assert stats.preemptions > 0, "the KV budget was meant to force preemption"
+    if variant == "tight-reserved":
+        assert stats.preemptions == 0 and stats.recomputed_tokens == 0, "a full reserve never preempts"
     if variant == "sharing":
         assert stats.shared_prefixes >= 2 + 3, "system prompts and documents are shared"
 

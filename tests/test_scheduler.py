@@ -35,8 +35,9 @@ def _sequences(prompts, max_tokens, threshold=1):
 
 def _check_step(batch: StepBatch, scheduler: Scheduler, budget: int, num_pages: int) -> None:
     assert batch.num_tokens <= budget, "the step token budget is respected"
-    owners = {id(s): s for s in scheduler.running + scheduler.prefilling}
-    owners.update({id(a): a for s in scheduler.running for a in s.ancestors()})
+    running = list(scheduler.running.values())
+    owners = {id(s): s for s in running + scheduler.prefilling}
+    owners.update({id(a): a for s in running for a in s.ancestors()})
     held = [p for s in owners.values() for p in s.pages]
     assert len(held) == len(set(held)), "no page has two owners"
     assert len(held) <= scheduler.allocator.num_used <= num_pages, "pages in use never exceed the pool"
@@ -47,10 +48,11 @@ def _check_step(batch: StepBatch, scheduler: Scheduler, budget: int, num_pages: 
     assert ranks == sorted(ranks), "decode rows in plan order, so prefix groups are contiguous"
 
 
-def _simulate(prompts, max_tokens, num_pages, page_size, budget, stop_at=None):
+def _simulate(prompts, max_tokens, num_pages, page_size, budget, stop_at=None, decode_reserve=1.0):
     """Run the scheduler to the end, 'sampling' token 7; returns per-request outputs and counters."""
     plan, prefixes, requests = _sequences(prompts, max_tokens)
-    scheduler = Scheduler(requests, PageAllocator(num_pages), page_size, budget, max_running=64)
+    scheduler = Scheduler(requests, PageAllocator(num_pages), page_size, budget, max_running=64,
+                          decode_reserve=decode_reserve)
     finished: Counter = Counter()
     computed: Counter = Counter()
     outputs, failed = {}, set()
@@ -83,10 +85,12 @@ _prompts = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=40), min_si
 
 
 @settings(max_examples=150, deadline=None)
-@given(_prompts, st.data(), st.sampled_from([1, 2, 4, 8]), st.integers(16, 64), st.integers(4, 200))
-def test_every_request_finishes_once_within_budgets(prompts, data, page_size, budget, num_pages):
+@given(_prompts, st.data(), st.sampled_from([1, 2, 4, 8]), st.integers(16, 64), st.integers(4, 200),
+       st.sampled_from([0.0, 0.5, 1.0]))
+def test_every_request_finishes_once_within_budgets(prompts, data, page_size, budget, num_pages, reserve):
     max_tokens = data.draw(st.lists(st.integers(1, 12), min_size=len(prompts), max_size=len(prompts)))
-    plan, finished, computed, outputs, failed, _ = _simulate(prompts, max_tokens, num_pages, page_size, budget)
+    plan, finished, computed, outputs, failed, _ = _simulate(prompts, max_tokens, num_pages, page_size, budget,
+                                                             decode_reserve=reserve)
     assert sorted(finished) == list(range(len(prompts))) and set(finished.values()) == {1}
     for i, out in outputs.items():
         assert len(out) == max_tokens[i], "no token lost or duplicated, preempted or not"
@@ -103,11 +107,29 @@ def test_each_shared_prefix_is_prefilled_once_when_memory_suffices(prompts, page
     assert {p.id: len(p.tokens) for p in plan.prefixes} == dict(computed) or not plan.prefixes
 
 
-def test_memory_pressure_preempts_and_still_completes():
+def test_memory_pressure_without_a_reserve_preempts_and_still_completes():
     prompts = [[1] * 30 + [i] * 10 for i in range(2, 12)]
-    plan, finished, computed, outputs, failed, scheduler = _simulate(prompts, [40] * 10, 24, 4, 64)
+    plan, finished, computed, outputs, failed, scheduler = _simulate(prompts, [40] * 10, 24, 4, 64, decode_reserve=0.0)
     assert scheduler.num_preemptions > 0
     assert not failed and all(len(o) == 40 for o in outputs.values())
+
+
+def test_memory_pressure_with_the_full_reserve_never_preempts():
+    prompts = [[1] * 30 + [i] * 10 for i in range(2, 12)]
+    plan, finished, computed, outputs, failed, scheduler = _simulate(prompts, [40] * 10, 24, 4, 64)
+    assert scheduler.num_preemptions == 0 and scheduler.recomputed_tokens == 0
+    assert not failed and all(len(o) == 40 for o in outputs.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(_prompts, st.data(), st.sampled_from([1, 2, 4, 8]), st.integers(16, 64), st.integers(4, 200))
+def test_a_full_reserve_never_preempts(prompts, data, page_size, budget, num_pages):
+    """With every request's budget known (no early stops), admission by memory with the full decode reserve
+    makes preemption impossible, however scarce the pool."""
+    max_tokens = data.draw(st.lists(st.integers(1, 12), min_size=len(prompts), max_size=len(prompts)))
+    *_, outputs, failed, scheduler = _simulate(prompts, max_tokens, num_pages, page_size, budget)
+    assert scheduler.num_preemptions == 0
+    assert all(len(out) == max_tokens[i] for i, out in outputs.items())
 
 
 def test_request_larger_than_the_pool_fails_alone():

@@ -37,13 +37,13 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
 import torch
 
 from ..kernels import AttentionWork, triton_supported
 from ..kernels.prefix_attention import bind_plan, fixed_plan_layout, host_plan, supported_head_dim
 from .batch import ForwardBatch
 from .model import CausalLM
+from .step_inputs import StepInputs
 
 if TYPE_CHECKING:
     from ..kernels.attention_plan import HostPlan
@@ -131,50 +131,60 @@ class DecodeGraphs:
         self._pages_at = self._plan_at + self.layout.size
         length = self._pages_at + self.max_pages
         on_cuda = self.device.type == "cuda"
-        self.host = torch.zeros(length, dtype=torch.int32, pin_memory=on_cuda)
-        self._host = self.host.numpy()
+        self.hosts = [torch.zeros(length, dtype=torch.int32, pin_memory=on_cuda) for _ in range(2)]
+        self._host = [h.numpy() for h in self.hosts]
+        self._turn = 0
         self.static = torch.zeros(length, dtype=torch.int32, device=self.device)
         self.logits_rows = torch.arange(rows, device=self.device)
-        self._copied = torch.cuda.Event() if on_cuda else None
+        self._copied = [torch.cuda.Event() if on_cuda else None for _ in range(2)]
         self.graphs: dict[tuple, _Graph] = {}
         self.replays = self.captures = self.eager_steps = 0
 
-    def run(self, rows) -> torch.Tensor | None:
+    def run(self, inputs: StepInputs, feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            ) -> torch.Tensor | None:
         """Logits [B, vocab] float32 of a decode-only step, by replay; None: run the step eagerly.
 
-        rows: the runner's host lists of the step (input_ids, positions, slots, logits_rows and the
-        attention items q_start, q_len, kv_len, causal, pages), every row sampled.
+        inputs: the step's host arrays, every row sampled.  feed: (rows, src, tokens) on the device: rows of
+        the step whose input id is tokens[src] (the previous step's samples), written into the static ids.
         """
-        n = len(rows.input_ids)
+        n = inputs.num_tokens
         size = bucket_for(n, self.sizes)
-        if size is None or len(rows.logits_rows) != n:
+        if size is None or len(inputs.logits_rows) != n:
             self.eager_steps += 1
             return None
-        work = AttentionWork.from_lists(rows.q_start, rows.q_len, rows.kv_len, rows.causal, rows.pages)
-        plan = host_plan(work, size, self.num_heads, self.num_kv_heads, self.device)
-        if not self.layout.fits(plan) or work.page_ids.numel() > self.max_pages:
+        plan = host_plan(inputs.work, size, self.num_heads, self.num_kv_heads, self.device)
+        if not self.layout.fits(plan) or len(inputs.work.page_ids) > self.max_pages:
             self.eager_steps += 1
             return None
-        self._stage(rows, size, plan, work.page_ids.numpy())
+        self._stage(inputs, size, plan)
+        if feed is not None:
+            rows, src, tokens = feed
+            self.static[:n].index_copy_(0, rows, tokens.index_select(0, src).to(torch.int32))
         graph = self._graph_for(size, plan)
         graph.replay()
         self.replays += 1
         return graph.logits[:n]
 
-    def _stage(self, rows, size: int, plan: HostPlan, page_ids: np.ndarray) -> None:
-        """Write the step into the pinned host buffer and copy it to the static one (real rows, then padding)."""
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has read the host buffer
-        n, cap, host = len(rows.input_ids), self.sizes[-1], self._host
-        for i, (values, pad) in enumerate(((rows.input_ids, 0), (rows.positions, 0), (rows.slots, self.scratch_slot))):
+    def _stage(self, inputs: StepInputs, size: int, plan: HostPlan) -> None:
+        """Write the step into a pinned host buffer and copy it to the static one (real rows, then padding).
+
+        Two host buffers take turns: the copy of the last step may still be reading the other one.
+        """
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # the copy that last read this buffer (two steps ago) is done
+        n, cap, host = inputs.num_tokens, self.sizes[-1], self._host[turn]
+        for i, (values, pad) in enumerate(((inputs.input_ids, 0), (inputs.positions, 0),
+                                           (inputs.slots, self.scratch_slot))):
             host[i * cap:i * cap + n] = values
             host[i * cap + n:i * cap + size] = pad
         self.layout.write(host[self._plan_at:self._pages_at], plan)
+        page_ids = inputs.work.page_ids
         used = self._pages_at + len(page_ids)
         host[self._pages_at:used] = page_ids
-        self.static[:used].copy_(self.host[:used], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self.static[:used].copy_(self.hosts[turn][:used], non_blocking=True)
+        if self._copied[turn] is not None:
+            self._copied[turn].record()
 
     def _graph_for(self, size: int, plan: HostPlan) -> _Graph:
         """The graph of this bucket and tile classes, captured (again, larger) when the plan needs more."""

@@ -1,4 +1,4 @@
-"""The engine: plan the batch, then loop schedule ▶ forward ▶ sample ▶ retire.
+"""The engine: plan the batch, then loop schedule ▶ launch ▶ (the step before's tokens) retire.
 
     engine = Engine("path/to/hf_checkpoint", dtype="float32", device="cpu")
     outs = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0))
@@ -6,6 +6,16 @@
 One `generate` call is one batch in the BatchLLM sense: its prompts are
 planned together (global prefix tree, group order, decode-first), every shared
 prefix is prefilled once and freed when its last request retires.
+
+The loop keeps the GPU busy by running the host one step ahead: it schedules
+and launches step n+1 while step n runs, and only then waits for step n's
+sampled tokens, which it reads from pinned memory (pipeline.py says how the
+requests carry placeholders meanwhile).  The GPU always has the next step
+queued; the host's scheduling, input building and stop checks hide behind it.
+
+A CUDA out-of-memory error while a step is launched is caught: nothing of the
+step is committed, the token budget is halved, and the work is scheduled again
+in smaller steps (counted in `GenerationStats.oom_retries`).
 """
 from __future__ import annotations
 
@@ -19,14 +29,19 @@ from tqdm.auto import tqdm
 
 from .config import EngineConfig, SamplingParams
 from .inputs import PreparedPrompt, prepare_prompt, sampling_list
-from .kv_cache import PageAllocator, kv_bytes_per_page, pages_for
+from .kv_cache import PageAllocator, kv_bytes_per_page, kv_shortage_message, pages_for
 from .loader import eos_token_ids, load_checkpoint, load_tokenizer, max_model_len
 from .outputs import Completion, GenerationStats
+from .pipeline import SampledStep, mark_sampled, resolve
 from .prefix_tree import PrefixPlan, build_prefix_plan
 from .runner import ModelRunner
-from .sampler import StopChecker
-from .scheduler import Scheduler, order_requests
+from .sampler import StopChecker, sampling_row
+from .scheduler import Scheduler, StepBatch, order_requests
 from .sequence import PrefixSeq, RequestSeq
+from .staging import SampledTokens
+from .step_inputs import build_step_inputs
+
+_MIN_OOM_BUDGET = 16  # the smallest token budget an out-of-memory retry goes down to
 
 _CPU_KV_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,20 +84,24 @@ class Engine:
         show = self.config.progress if progress is None else progress
         with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
             bar.update(len(prompts) - len(valid))
-            scheduler, steps, tokens = self._run(requests, bar)
+            scheduler, steps, tokens, oom_retries = self._run(requests, bar)
         for seq in requests:
             completions[seq.index] = self._completion(seq, prepared[seq.index])
         self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, steps, tokens,
-                                      time.perf_counter() - start)
+                                      oom_retries, time.perf_counter() - start)
         return completions
 
     # -- planning --------------------------------------------------------------------------
     def _check_fits(self, prompt: PreparedPrompt, params: SamplingParams) -> PreparedPrompt:
         need = pages_for(len(prompt.token_ids) + params.max_tokens, self.config.page_size)
         if prompt.error is None and need > self.num_kv_pages:
-            return PreparedPrompt(prompt.token_ids, f"prompt plus max_tokens needs {need} KV pages but the cache "
-                                                    f"has {self.num_kv_pages}: lower max_tokens or raise the KV memory")
+            return PreparedPrompt(prompt.token_ids, kv_shortage_message(need, self.num_kv_pages, self._page_bytes()))
         return prompt
+
+    def _page_bytes(self) -> int:
+        a = self.args
+        return kv_bytes_per_page(self.config.page_size, a.num_layers, a.num_kv_heads, a.head_dim,
+                                 torch.finfo(self.dtype).bits // 8)
 
     def _plan(self, token_lists: list[list[int]]) -> PrefixPlan:
         if not self.config.prefix_sharing:
@@ -106,7 +125,8 @@ class Engine:
             parent = prefixes[node] if node is not None else None
             seed = params[i].seed if params[i].seed is not None else self.config.seed * 1_000_003 + i
             seq = RequestSeq(start, ids[start:], parent, rank[k], index=i, params=params[i], seed=seed,
-                             num_prompt=len(ids) - start)
+                             num_prompt=len(ids) - start, sampling_row=sampling_row(params[i], seed),
+                             stop_ids=self._stop_ids(params[i]))
             for prefix in seq.ancestors():
                 prefix.users += 1
                 prefix.rank = min(prefix.rank, seq.rank)
@@ -117,45 +137,69 @@ class Engine:
         return requests
 
     # -- the loop --------------------------------------------------------------------------
-    def _run(self, requests: list[RequestSeq], bar: tqdm) -> tuple[Scheduler, int, int]:
+    def _run(self, requests: list[RequestSeq], bar: tqdm) -> tuple[Scheduler, int, int, int]:
+        """Run every request to the end: launch step n+1, then retire what step n's tokens finished."""
         scheduler = Scheduler(requests, PageAllocator(self.num_kv_pages), self.config.page_size,
-                              self.config.max_num_batched_tokens, self.config.max_num_seqs)
-        steps = batched_tokens = 0
-        while not scheduler.done:
-            batch = scheduler.schedule()
-            bar.update(len(batch.failed))
-            if batch.num_tokens == 0:
+                              self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                              self.config.decode_reserve, page_bytes=self._page_bytes())
+        steps = batched_tokens = oom_retries = 0
+        in_flight: tuple[SampledStep, SampledTokens] | None = None
+
+        def finish(seq: RequestSeq) -> None:
+            scheduler.finish(seq)
+            bar.update(1)
+
+        while True:
+            launched, retried = None, False
+            if not scheduler.done:
+                batch = scheduler.schedule()
+                bar.update(len(batch.failed))
+                if batch.num_tokens:
+                    launched = self._launch(scheduler, batch, in_flight)
+                    retried = launched is None
+                    oom_retries += retried
+                    steps += not retried
+                    batched_tokens += 0 if retried else batch.num_tokens
+            if in_flight is not None:
+                resolve(in_flight[0], in_flight[1].wait(), self.stop_checker, finish)
+            elif launched is None and not retried:
                 if scheduler.done:
                     break
                 raise RuntimeError("scheduler made no progress: this is a bug, please report it")
-            sampled = self.runner.run(batch)
-            scheduler.commit(batch)
-            steps, batched_tokens = steps + 1, batched_tokens + batch.num_tokens
-            for chunk, token in zip(batch.sampled, sampled):
-                if self._append(chunk.seq, token):
-                    scheduler.finish(chunk.seq)
-                    bar.update(1)
-        return scheduler, steps, batched_tokens
+            in_flight = launched
+        return scheduler, steps, batched_tokens, oom_retries
 
-    def _append(self, seq: RequestSeq, token: int) -> bool:
-        """Add a sampled token; True when the request is finished."""
-        seq.tokens.append(token)
-        decision = self.stop_checker.check(seq.output, seq.params)
-        if decision.finished:
-            seq.finish_reason, seq.text = decision.reason, decision.text
-        elif seq.end >= self.max_model_len:
-            seq.finish_reason, seq.text = "length", self.stop_checker.decode(seq.output)
-        return seq.finish_reason is not None
+    def _launch(self, scheduler: Scheduler, batch: StepBatch,
+                in_flight: tuple[SampledStep, SampledTokens] | None) -> tuple[SampledStep, SampledTokens] | None:
+        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the budget and return None."""
+        inputs = build_step_inputs(batch, self.config.page_size)
+        try:
+            tokens = self.runner.launch(inputs, in_flight[1] if in_flight is not None else None)
+        except torch.OutOfMemoryError:
+            if scheduler.max_batched_tokens <= _MIN_OOM_BUDGET:
+                raise
+            torch.cuda.empty_cache()
+            scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, scheduler.max_batched_tokens // 2)
+            return None
+        scheduler.commit(batch)
+        return mark_sampled([c.seq for c in batch.sampled], self.max_model_len), tokens
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return frozenset((*eos, *params.stop_token_ids))
 
     # -- results ---------------------------------------------------------------------------
     def _completion(self, seq: RequestSeq, prompt: PreparedPrompt) -> Completion:
         if seq.finish_reason == "error":
             return Completion(seq.index, error=seq.error, prompt_tokens=len(prompt.token_ids))
-        return Completion(seq.index, seq.text, list(seq.output), seq.finish_reason or "length",
-                          len(prompt.token_ids), len(seq.output), cached_tokens=seq.num_cached)
+        output = list(seq.output)
+        text = seq.text if seq.text is not None else self.stop_checker.decode(output)
+        return Completion(seq.index, text, output, seq.finish_reason or "length",
+                          len(prompt.token_ids), len(output), cached_tokens=seq.num_cached)
 
     def _stats(self, completions: list[Completion], plan: PrefixPlan, valid: list[PreparedPrompt],
-               scheduler: Scheduler, steps: int, batched_tokens: int, seconds: float) -> GenerationStats:
+               scheduler: Scheduler, steps: int, batched_tokens: int, oom_retries: int,
+               seconds: float) -> GenerationStats:
         prompt_lens = [len(p.token_ids) for p in valid]
         return GenerationStats(
             requests=len(completions), failed_requests=sum(c.finish_reason == "error" for c in completions),
@@ -164,12 +208,11 @@ class Engine:
             output_tokens=sum(c.completion_tokens for c in completions), shared_prefixes=len(plan.prefixes),
             steps=steps, mean_tokens_per_step=batched_tokens / steps if steps else 0.0,
             peak_kv_pages=scheduler.allocator.peak_used, kv_pages=self.num_kv_pages,
-            preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.recomputed_tokens, seconds=seconds)
+            preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.recomputed_tokens,
+            oom_retries=oom_retries, seconds=seconds)
 
     def _kv_pages(self) -> int:
-        a = self.args
-        per_page = kv_bytes_per_page(self.config.page_size, a.num_layers, a.num_kv_heads, a.head_dim,
-                                     torch.finfo(self.dtype).bits // 8)
+        per_page = self._page_bytes()
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

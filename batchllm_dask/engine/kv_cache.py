@@ -19,6 +19,14 @@ def kv_bytes_per_page(page_size: int, num_layers: int, num_kv_heads: int, head_d
     return 2 * num_layers * page_size * num_kv_heads * head_dim * dtype_bytes
 
 
+def kv_shortage_message(need_pages: int, pool_pages: int, page_bytes: int) -> str:
+    """Why a request can never run: the KV memory it needs against the pool's, in pages and MiB."""
+    mib = lambda pages: pages * page_bytes / 2**20  # noqa: E731
+    return (f"prompt plus max_tokens needs {need_pages} KV pages ({mib(need_pages):,.1f} MiB of KV memory) but the "
+            f"whole KV cache is {pool_pages} pages ({mib(pool_pages):,.1f} MiB): lower max_tokens, shorten the "
+            f"prompt, or give the engine more KV memory (kv_cache_bytes / kv_cache_fraction)")
+
+
 class OutOfPages(RuntimeError):
     """The pool has fewer free pages than asked for."""
 

@@ -50,6 +50,7 @@ class GenerationStats:
     preemptions: int
     recomputed_tokens: int
     seconds: float
+    oom_retries: int = 0  # steps launched again with half the token budget after a CUDA out-of-memory error
 
     @property
     def output_tokens_per_second(self) -> float:

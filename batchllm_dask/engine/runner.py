@@ -1,65 +1,45 @@
-"""Runs a scheduled step on the device: batch to tensors, the model, the sampler.
+"""Runs a scheduled step on the device without waiting for it: inputs in, sampled tokens out, asynchronously.
 
-It owns the KV pool tensors, [num_layers, num_pages, page_size, num_kv_heads,
-head_dim] for keys and for values, and turns a `StepBatch` into a
-`ForwardBatch`: packed token ids, positions, KV slots, and the attention work
-list.  Work items (see kernels/reference.py):
+It owns the KV pool tensors, [num_layers, num_pages + 1, page_size,
+num_kv_heads, head_dim] for keys and for values (the extra page is the CUDA
+graphs' scratch page), and turns a step's host arrays (`StepInputs`, built by
+step_inputs.py) into a forward pass:
 
-- a decode row attends to its own segment (q_len 1), and, per shared prefix
-  above it, to that prefix: the decode rows below one prefix are contiguous
-  (rows are sorted by plan order), so one item covers the whole group and the
-  kernel reads the prefix's KV once for all of them;
-- a prefill chunk attends causally to its own segment (earlier chunks plus
-  itself) and fully to each prefix above it.
-
-Decode-only steps replay CUDA graphs when enabled (cuda_graphs.py); the rest runs eagerly.
+1. one host-to-device copy of every input (staging.py), the attention plan
+   included where the Triton kernel runs (planned here, on the host, from the
+   host work list: no device round trip);
+2. the input ids of decode rows whose token the previous step is still
+   sampling are copied on the device from that step's output (the feed);
+3. the forward pass, replayed from a CUDA graph for decode-only steps where it
+   can (cuda_graphs.py), eager otherwise; logits for the sampled rows only;
+4. sampling on the device, and the tokens copied into pinned memory behind an
+   event (`SampledTokens`): `launch` returns before any of it has run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from ..kernels import AttentionWork
+from ..kernels import AttentionWork, uses_triton
 from .batch import ForwardBatch
 from .model import CausalLM
 from .sampler import SamplingBatch, sample
-from .scheduler import Chunk, StepBatch
-from .sequence import RequestSeq
+from .staging import SampledTokens, Stager, TokenReturn
+from .step_inputs import HostWork, SamplingArrays, StepInputs
 
 if TYPE_CHECKING:
     from .cuda_graphs import DecodeGraphs
 
-
-@dataclass
-class _Rows:
-    """Host-side lists for one step, turned into tensors once."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    logits_rows: list[int] = field(default_factory=list)
-    q_start: list[int] = field(default_factory=list)
-    q_len: list[int] = field(default_factory=list)
-    kv_len: list[int] = field(default_factory=list)
-    causal: list[int] = field(default_factory=list)
-    pages: list[list[int]] = field(default_factory=list)
-
-    def add_item(self, q_start: int, q_len: int, kv_len: int, causal: bool, pages: list[int]) -> None:
-        self.q_start.append(q_start)
-        self.q_len.append(q_len)
-        self.kv_len.append(kv_len)
-        self.causal.append(int(causal))
-        self.pages.append(pages)
+_WORK_FIELDS = ("q_start", "q_len", "kv_len", "causal", "page_start", "page_ids")
 
 
 class ModelRunner:
-    """Owns the KV pool; turns steps into forward passes (through `DecodeGraphs` where it can).
+    """Owns the KV pool; launches steps (through `DecodeGraphs` where it can).
 
-    The pool has one page more than num_pages, the allocator's: the padded rows of a CUDA
-    graph's batch write their K/V there.  cuda_graphs: replay captured graphs for
-    decode-only steps of up to max_num_seqs requests (CUDA and the Triton attention only).
+    cuda_graphs: replay captured graphs for decode-only steps of up to max_num_seqs requests (CUDA and
+    the Triton attention only; elsewhere ignored).
     """
 
     def __init__(self, model: CausalLM, num_pages: int, page_size: int, attention_backend: str,
@@ -74,6 +54,9 @@ class ModelRunner:
         shape = (args.num_layers, num_pages + 1, page_size, args.num_kv_heads, args.head_dim)
         self.k_cache = torch.empty(shape, dtype=param.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=param.dtype, device=self.device)
+        self.triton_plans = uses_triton(attention_backend, self.device, param.dtype, args.head_dim)
+        self.stager = Stager(self.device)
+        self.returns = TokenReturn(self.device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             from .cuda_graphs import make_decode_graphs  # triton loads only where it runs
@@ -81,71 +64,69 @@ class ModelRunner:
                                              attention_backend)
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> list[int]:
-        """Run one step; the sampled token of each chunk in `batch.sampled`, in that order."""
-        rows = self._rows(batch)
-        logits = None
-        if self.graphs is not None and not batch.prefills:
-            logits = self.graphs.run(rows)
+    def launch(self, inputs: StepInputs, previous: SampledTokens | None) -> SampledTokens:
+        """Queue one step on the device; its sampled tokens (one per `inputs.logits_rows`) come back later.
+
+        previous: the last step's tokens, where some of this step's input ids are still on the device.
+        """
+        graphed = self.graphs is not None and inputs.decode_only
+        plan = None if graphed or not self.triton_plans else self._host_plan(inputs.work, inputs.num_tokens)
+        dev = self.stager.stage(_arrays(inputs, plan, graphed))
+        feed = (dev["feed_rows"], dev["feed_src"], previous.device) if len(inputs.feed_rows) else None
+        logits = self.graphs.run(inputs, feed) if graphed else None
         if logits is None:
-            hidden = self.model(self._forward_batch(rows), self.k_cache, self.v_cache, self.attention_backend)
-            if not rows.logits_rows:
-                return []
-            logits = self.model.compute_logits(hidden)
-        seqs: list[RequestSeq] = [c.seq for c in batch.sampled]  # type: ignore[misc]
-        params = SamplingBatch.build([s.params for s in seqs], [s.seed for s in seqs],
-                                     [len(s.output) for s in seqs], self.device)
-        return sample(logits, params).tolist()
+            logits = self._eager(inputs, dev, plan, feed)
+        tokens = sample(logits, _sampling_batch(inputs.sampling, dev))
+        return self.returns.send(tokens)
 
-    def prepare(self, batch: StepBatch) -> ForwardBatch:
-        return self._forward_batch(self._rows(batch))
+    def _eager(self, inputs: StepInputs, dev: dict, plan, feed) -> torch.Tensor:
+        if "input_ids" not in dev:  # a decode-only step that the graphs could not take: stage the rest now
+            plan = self._host_plan(inputs.work, inputs.num_tokens) if self.triton_plans else None
+            dev = {**dev, **self.stager.stage(_arrays(inputs, plan, graphed=False, only_forward=True))}
+        input_ids = dev["input_ids"]
+        if feed is not None:
+            rows, src, tokens = feed
+            input_ids.index_copy_(0, rows, tokens.index_select(0, src))
+        work = _device_work(inputs.work, dev)
+        if plan is not None:
+            from ..kernels import attention_plan as ap
+            from ..kernels.prefix_attention import attach_plan
+            attach_plan(work, ap.device_plan_from_arrays(plan, dev))
+        batch = ForwardBatch(input_ids, dev["positions"], dev["slots"], work, dev["logits_rows"])
+        hidden = self.model(batch, self.k_cache, self.v_cache, self.attention_backend)
+        return self.model.compute_logits(hidden)
 
-    def _rows(self, batch: StepBatch) -> _Rows:
-        rows = _Rows()
-        self._add_decodes(rows, batch.decodes)
-        for chunk in batch.prefills:
-            self._add_prefill(rows, chunk)
-        return rows
+    def _host_plan(self, work: HostWork, num_rows: int):
+        from ..kernels.prefix_attention import host_plan
+        args = self.model.args
+        return host_plan(work, num_rows, args.num_heads, args.num_kv_heads, self.device)
 
-    def _forward_batch(self, rows: _Rows) -> ForwardBatch:
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
-        work = AttentionWork.from_lists(rows.q_start, rows.q_len, rows.kv_len, rows.causal, rows.pages,
-                                        device="cpu").to(self.device)
-        return ForwardBatch(as_tensor(rows.input_ids), as_tensor(rows.positions), as_tensor(rows.slots),
-                            work, as_tensor(rows.logits_rows))
 
-    def _add_tokens(self, rows: _Rows, chunk: Chunk) -> int:
-        """Append a chunk's tokens; returns its first row."""
-        seq, first, size = chunk.seq, len(rows.input_ids), self.page_size
-        span = range(chunk.start, chunk.start + chunk.length)
-        rows.input_ids.extend(seq.tokens[chunk.start:chunk.start + chunk.length])
-        rows.positions.extend(range(seq.start + span.start, seq.start + span.stop))
-        rows.slots.extend([seq.pages[i // size] * size + i % size for i in span])
-        if chunk.samples:
-            rows.logits_rows.append(len(rows.input_ids) - 1)
-        return first
+def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False) -> dict[str, np.ndarray]:
+    """The named arrays of a step to stage: sampling and feed always; the forward inputs unless graphed."""
+    out: dict[str, np.ndarray] = {}
+    if not only_forward:
+        s = inputs.sampling
+        out.update(feed_rows=inputs.feed_rows, feed_src=inputs.feed_src, s_temperature=s.temperature,
+                   s_top_p=s.top_p, s_top_k=s.top_k, s_seed=s.seed, s_step=s.step, s_greedy=s.greedy)
+    if not graphed:
+        out.update(input_ids=inputs.input_ids, positions=inputs.positions, slots=inputs.slots,
+                   logits_rows=inputs.logits_rows)
+        out.update({f"w_{name}": getattr(inputs.work, name) for name in _WORK_FIELDS})
+        if plan is not None:
+            from ..kernels import attention_plan as ap
+            out.update(ap.host_plan_arrays(plan))
+    return out
 
-    def _add_decodes(self, rows: _Rows, decodes: list[Chunk]) -> None:
-        open_groups: dict[int, list] = {}  # id(prefix) -> [prefix, first row, last row]
-        for chunk in decodes:
-            row = self._add_tokens(rows, chunk)
-            rows.add_item(row, 1, chunk.start + 1, True, chunk.seq.pages)
-            for prefix in chunk.seq.ancestors():
-                group = open_groups.get(id(prefix))
-                if group is not None and group[2] == row - 1:
-                    group[2] = row
-                    continue
-                if group is not None:  # not contiguous (never with plan order): close the old run
-                    self._add_group(rows, *group)
-                open_groups[id(prefix)] = [prefix, row, row]
-        for group in open_groups.values():
-            self._add_group(rows, *group)
 
-    def _add_group(self, rows: _Rows, prefix, first: int, last: int) -> None:
-        rows.add_item(first, last - first + 1, len(prefix.tokens), False, prefix.pages)
+def _device_work(work: HostWork, dev: dict) -> AttentionWork:
+    """The step's work list on the device, with its host copy (the torch reference reads that)."""
+    host = AttentionWork(*(torch.from_numpy(getattr(work, name)) for name in _WORK_FIELDS), work.num_items,
+                         int(work.q_len.max(initial=0)), int(work.kv_len.max(initial=0)))
+    return AttentionWork(*(dev[f"w_{name}"] for name in _WORK_FIELDS), host.num_items, host.max_q_len,
+                         host.max_kv_len, host)
 
-    def _add_prefill(self, rows: _Rows, chunk: Chunk) -> None:
-        row = self._add_tokens(rows, chunk)
-        for prefix in chunk.seq.ancestors():
-            rows.add_item(row, chunk.length, len(prefix.tokens), False, prefix.pages)
-        rows.add_item(row, chunk.length, chunk.start + chunk.length, True, chunk.seq.pages)
+
+def _sampling_batch(s: SamplingArrays, dev: dict) -> SamplingBatch:
+    return SamplingBatch(dev["s_temperature"], dev["s_top_p"], dev["s_top_k"], dev["s_seed"], dev["s_step"],
+                         dev["s_greedy"].view(torch.bool), s.all_greedy, s.any_filter)

@@ -73,6 +73,13 @@ class SamplingBatch:
         )
 
 
+def sampling_row(params: SamplingParams, seed: int) -> tuple:
+    """(temperature, top_p, top_k, seed as int64, greedy, filters) of one request, computed once per request."""
+    greedy = params.greedy or params.temperature < MIN_TEMPERATURE
+    filters = not greedy and (params.top_k > 0 or params.top_p < 1)
+    return params.temperature, params.top_p, params.top_k, _i64(seed & _MASK64), greedy, filters
+
+
 def _srl(x: Tensor, shift: int) -> Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (x >> shift) & ((1 << (64 - shift)) - 1)

@@ -8,19 +8,31 @@ Two separate pieces (DESIGN.md):
   generations start early and their decode tokens ride along with later
   prefill chunks.
 - *Admission and token batching* (`Scheduler`): a request is admitted, in
-  order, when its own prompt plus max_tokens, plus any shared prefix above it
-  not yet in memory, fits in the free KV pages, not up to a fixed count.  Each
-  step carries every running decode plus prefill chunks up to a token budget.
-  Decode pages are taken as tokens arrive; if the pool runs dry anyway, the
-  newest request is preempted (its pages freed) and recomputed later from its
-  prompt and the tokens it had generated: nothing is lost.
+  order, when its own prompt, plus any shared prefix above it not yet in
+  memory, plus a reserve for the decode growth it may still have
+  (`decode_reserve` x its remaining max_tokens), fits in the pages that are free
+  and not reserved by the requests already running: memory, not a count,
+  bounds concurrency.  With the default full reserve every admitted request
+  can finish without taking a page from another, so a scarce pool costs
+  concurrency, never recomputation.  Each step carries every running decode
+  plus prefill chunks up to a token budget.  Decode pages are taken as tokens
+  arrive; if the pool runs dry anyway (a reserve below 1), the newest request
+  is preempted (its pages freed) and recomputed later from its prompt and the
+  tokens it had generated: nothing is lost.
+
+The engine runs one step ahead of the host's knowledge of sampled tokens
+(engine.py): a request whose newest token is still on the device carries a
+placeholder (`unresolved`), which a decode feeds from the device; a request
+whose last token is in flight is DRAINING and gets no more steps.  A preempted
+request is re-admitted only once its tokens are all known.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from .kv_cache import PageAllocator, pages_for
+from .kv_cache import PageAllocator, kv_shortage_message, pages_for
 from .prefix_tree import PrefixPlan
 from .sequence import PrefixSeq, RequestSeq, Sequence, Status
 
@@ -44,8 +56,7 @@ def order_requests(plan: PrefixPlan, decode_ratio: list[float]) -> list[int]:
     return order
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     """`length` tokens of `seq`, from token index `start`, computed in this step."""
 
     seq: Sequence
@@ -55,7 +66,7 @@ class Chunk:
     @property
     def samples(self) -> bool:
         """Whether this chunk ends a request's pending tokens, so its last row is sampled."""
-        return isinstance(self.seq, RequestSeq) and self.start + self.length == len(self.seq.tokens)
+        return type(self.seq) is RequestSeq and self.start + self.length == len(self.seq.tokens)
 
 
 @dataclass(frozen=True)
@@ -72,21 +83,28 @@ class StepBatch:
 
     @property
     def sampled(self) -> list[Chunk]:
-        return [c for c in self.decodes + self.prefills if c.samples]
+        return self.decodes + [c for c in self.prefills if c.samples]
 
 
 class Scheduler:
-    """Admission by KV memory, token batches under a budget, preemption of the newest request."""
+    """Admission by KV memory with a decode reserve, token batches under a budget, preemption of the newest.
+
+    decode_reserve: the share of each running request's remaining max_tokens whose pages admission keeps
+    free for it (1.0: never preempt; 0.0: admit on the prompt alone and preempt when the pool runs dry).
+    """
 
     def __init__(self, requests: list[RequestSeq], allocator: PageAllocator, page_size: int,
-                 max_batched_tokens: int, max_running: int):
+                 max_batched_tokens: int, max_running: int, decode_reserve: float = 1.0, page_bytes: int = 0):
         self.allocator = allocator
+        self.page_bytes = page_bytes  # for error messages only
         self.page_size = page_size
         self.max_batched_tokens = max_batched_tokens
         self.max_running = min(max_running, max_batched_tokens)
+        self.decode_reserve = decode_reserve
         self.waiting: deque[RequestSeq] = deque(requests)
-        self.running: list[RequestSeq] = []  # in admission order: the last is the newest
-        self.prefilling: list[PrefixSeq] = []
+        self.running: dict[int, RequestSeq] = {}  # id -> request, in admission order: the last is the newest
+        self.prefilling: list[Sequence] = []  # prefixes and requests with prompt tokens to compute, admitted order
+        self.reserved = 0  # pages set aside for the running requests' decode growth
         self.num_preemptions = 0
         self.recomputed_tokens = 0
 
@@ -100,19 +118,29 @@ class Scheduler:
         budget = self.max_batched_tokens - len(decodes)
         prefills, budget = self._continue_prefills(budget)
         new, failed = self._admit(budget)
-        return StepBatch(sorted(decodes, key=_row_key), sorted(prefills + new, key=_row_key), failed)
+        decodes.sort(key=_rank)
+        return StepBatch(decodes, sorted(prefills + new, key=_row_key), failed)
 
     def commit(self, batch: StepBatch) -> None:
-        """Record that the batch ran: its tokens' KV is now in the pool."""
-        for chunk in batch.decodes + batch.prefills:
+        """Record that the batch runs: its tokens' KV will be in the pool."""
+        for chunk in batch.decodes:
+            chunk.seq.num_computed += 1
+        for chunk in batch.prefills:
             chunk.seq.num_computed += chunk.length
-        self.prefilling = [p for p in self.prefilling if p.pending > 0]
+        if batch.prefills:
+            self.prefilling = [p for p in self.prefilling if p.pending > 0]
 
     def finish(self, seq: RequestSeq) -> None:
-        """Retire a request: free its pages, and any prefix whose last user it was."""
+        """Retire a request: free its pages, and any prefix whose last user it was.
+
+        A request may also end while preempted (waiting), on a token that was still on the device.
+        """
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            del self.running[id(seq)]
+            self._release(seq)
         seq.status = Status.FINISHED
-        self.running.remove(seq)
-        self._free(seq)
         for prefix in seq.ancestors():
             prefix.users -= 1
             if prefix.users == 0:
@@ -121,44 +149,53 @@ class Scheduler:
     # -- pieces ----------------------------------------------------------------------------
     def _schedule_decodes(self) -> list[Chunk]:
         chunks = []
-        for seq in list(self.running):
-            if seq.status is not Status.RUNNING or not _is_decode(seq):
-                continue
-            if self._grow(seq, seq.num_computed + 1):
-                chunks.append(Chunk(seq, seq.num_computed, 1))
+        for seq in list(self.running.values()):  # a copy: growing may preempt
+            if seq.status is Status.RUNNING and seq.pending == 1 and len(seq.tokens) > seq.num_prompt:
+                if self._grow(seq, seq.num_computed + 1):
+                    chunks.append(Chunk(seq, seq.num_computed, 1))
         return chunks
 
     def _grow(self, seq: RequestSeq, num_tokens: int) -> bool:
         """Give `seq` pages for `num_tokens`, preempting newer requests if the pool is dry."""
         while len(seq.pages) < pages_for(num_tokens, self.page_size):
             if self.allocator.num_free == 0:
-                victim = self.running[-1]
+                victim = self._newest_running()
+                if victim is None:
+                    return False
                 self._preempt(victim)
                 if victim is seq:
                     return False
                 continue
             seq.pages += self.allocator.allocate(1)
+            if seq.reserved_pages > 0:
+                seq.reserved_pages -= 1
+                self.reserved -= 1
         return True
+
+    def _newest_running(self) -> RequestSeq | None:
+        """The newest request that can be preempted (a DRAINING one ends within a step anyway)."""
+        return next((s for s in reversed(self.running.values()) if s.status is Status.RUNNING), None)
 
     def _preempt(self, seq: RequestSeq) -> None:
         self.num_preemptions += 1
         self.recomputed_tokens += seq.num_computed
-        self.running.remove(seq)
-        self._free(seq)
+        del self.running[id(seq)]
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
     def _continue_prefills(self, budget: int) -> tuple[list[Chunk], int]:
         chunks = []
-        runnable = [p for p in self.prefilling if _parent_done(p)]
-        runnable += [s for s in self.running if not _is_decode(s) and s.pending > 0 and s.context_ready()]
-        for seq in runnable:
+        for seq in self.prefilling:
             if budget <= 0:
                 break
-            chunk = Chunk(seq, seq.num_computed, min(seq.pending, budget))
-            chunks.append(chunk)
-            budget -= chunk.length
+            if seq.pending > 0 and seq.context_ready():
+                chunk = Chunk(seq, seq.num_computed, min(seq.pending, budget))
+                chunks.append(chunk)
+                budget -= chunk.length
         return chunks, budget
 
     def _admit(self, budget: int) -> tuple[list[Chunk], list[RequestSeq]]:
@@ -166,28 +203,42 @@ class Scheduler:
         failed: list[RequestSeq] = []
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            if seq.unresolved:  # preempted while its newest token was on the device: wait for it
+                break
             need = self._pages_needed(seq)
-            if need > self.allocator.num_free and not self.running:
+            if need > self._available() and not self.running:
                 self._release_idle_prefixes()
                 need = self._pages_needed(seq)
-                if need > self.allocator.num_free:
+                if need > self._available():
                     failed.append(self._fail(seq, need))
                     continue
-            if need > self.allocator.num_free or budget <= 0:
+            if need > self._available() or budget <= 0:
                 break
             new_prefixes = self._materialize(seq)
             self.waiting.popleft()
             seq.pages = self.allocator.allocate(pages_for(len(seq.tokens), self.page_size))
+            seq.reserved_pages = self._growth_reserve(seq)
+            self.reserved += seq.reserved_pages
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            self.running[id(seq)] = seq
+            self.prefilling.append(seq)
             for s in [*new_prefixes, seq]:
                 if budget > 0 and _parent_done(s) and s.pending > 0 and (s is not seq or s.context_ready()):
                     chunks.append(Chunk(s, s.num_computed, min(s.pending, budget)))
                     budget -= chunks[-1].length
         return chunks, failed
 
+    def _available(self) -> int:
+        """Pages an admission may take: free and not reserved for the running requests' growth."""
+        return self.allocator.num_free - self.reserved
+
+    def _growth_reserve(self, seq: RequestSeq) -> int:
+        """Pages to keep for `seq`'s future tokens: decode_reserve of its remaining growth."""
+        growth = pages_for(len(seq.tokens) + seq.remaining, self.page_size) - pages_for(len(seq.tokens), self.page_size)
+        return -(-int(growth * self.decode_reserve * 1000) // 1000)  # ceil, robust to float rounding
+
     def _pages_needed(self, seq: RequestSeq) -> int:
-        own = pages_for(len(seq.tokens) + seq.remaining, self.page_size)
+        own = pages_for(len(seq.tokens), self.page_size) + self._growth_reserve(seq)
         missing = [p for p in seq.ancestors() if not p.materialized]
         return own + sum(pages_for(len(p.tokens), self.page_size) for p in missing)
 
@@ -208,32 +259,36 @@ class Scheduler:
             self.recomputed_tokens += prefix.num_computed
             self._free(prefix)
             prefix.num_computed = 0
-        self.prefilling = [p for p in self.prefilling if p.materialized]
+        self.prefilling = [p for p in self.prefilling if p.materialized or isinstance(p, RequestSeq)]
 
     def _fail(self, seq: RequestSeq, need: int) -> RequestSeq:
         self.waiting.popleft()
         seq.status = Status.FINISHED
         seq.finish_reason = "error"
-        seq.error = (f"needs {need} KV pages (prompt plus max_tokens) but the cache has "
-                     f"{self.allocator.num_pages}: lower max_tokens or give the engine more KV memory")
+        seq.error = kv_shortage_message(need, self.allocator.num_pages, self.page_bytes)
         for prefix in seq.ancestors():
             prefix.users -= 1
             if prefix.users == 0:
                 self._free(prefix)
         return seq
 
+    def _release(self, seq: RequestSeq) -> None:
+        """Free a request's pages and give back what was reserved for it."""
+        self.reserved -= seq.reserved_pages
+        seq.reserved_pages = 0
+        self._free(seq)
+
     def _free(self, seq: Sequence) -> None:
         self.allocator.free(seq.pages)
         seq.pages = []
 
 
-def _is_decode(seq: RequestSeq) -> bool:
-    """A request past its prompt with exactly one token (the last sampled) to feed."""
-    return seq.pending == 1 and len(seq.tokens) > seq.num_prompt
-
-
 def _parent_done(seq: Sequence) -> bool:
     return seq.parent is None or (seq.parent.pending == 0 and seq.parent.materialized)
+
+
+def _rank(chunk: Chunk) -> int:
+    return chunk.seq.rank
 
 
 def _row_key(chunk: Chunk) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from .config import SamplingParams
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    DRAINING = "draining"  # its last token is being sampled on the device: no more steps, pages held until then
     FINISHED = "finished"
 
 
@@ -30,6 +31,8 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
+    reserved_pages: int = 0  # pages admission set aside for its future decode growth, not yet allocated
+    _chain: "tuple[Sequence, ...] | None" = field(default=None, init=False, repr=False)
 
     @property
     def pending(self) -> int:
@@ -40,13 +43,15 @@ class Sequence:
     def end(self) -> int:
         return self.start + len(self.tokens)
 
-    def ancestors(self) -> list["Sequence"]:
-        """Shared prefixes above, outermost first."""
-        chain, node = [], self.parent
-        while node is not None:
-            chain.append(node)
-            node = node.parent
-        return chain[::-1]
+    def ancestors(self) -> "tuple[Sequence, ...]":
+        """Shared prefixes above, outermost first (the tree does not change: computed once)."""
+        if self._chain is None:
+            chain, node = [], self.parent
+            while node is not None:
+                chain.append(node)
+                node = node.parent
+            self._chain = tuple(chain[::-1])
+        return self._chain
 
     def context_ready(self) -> bool:
         """Whether every prefix above has all its KV computed."""
@@ -76,7 +81,11 @@ class RequestSeq(Sequence):
     num_cached: int = 0  # prompt tokens of shared prefixes that an earlier request computed
     finish_reason: str | None = None
     error: str | None = None
-    text: str = ""
+    text: str | None = None  # the completion's text once finished (None: decode it from the tokens)
+    unresolved: int = 0  # tokens at the end of `tokens` that are still being sampled on the device (placeholders)
+    feed_index: int = -1  # where its newest placeholder is in the sampled tokens of the step that samples it
+    sampling_row: tuple = ()  # sampler.sampling_row(params, seed): what a step's sampling arrays take from it
+    stop_ids: frozenset = frozenset()  # token ids that end it (EOS unless ignore_eos, stop_token_ids)
 
     @property
     def output(self) -> list[int]:

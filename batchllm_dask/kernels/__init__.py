@@ -10,12 +10,23 @@ import torch
 
 from .reference import AttentionWork, paged_attention_reference, write_kv
 
-__all__ = ["AttentionWork", "paged_attention", "paged_attention_reference", "write_kv", "triton_supported"]
+__all__ = ["AttentionWork", "paged_attention", "paged_attention_reference", "write_kv", "triton_supported",
+           "uses_triton"]
 
 
 def triton_supported(q: torch.Tensor) -> bool:
     """Whether the Triton path takes these queries (it warns and falls back itself for odd head_dims)."""
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def uses_triton(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `paged_attention` will run the Triton kernel for queries of this device, dtype and head_dim
+    (so a caller can plan the kernel's tiles itself and send the plan with its other inputs)."""
+    if backend == "torch":
+        return False
+    if backend == "auto" and not (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: AttentionWork,

@@ -137,9 +137,8 @@ def choose_split_len(kv_end: np.ndarray, big: np.ndarray, num_kv_heads: int, num
 def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int,
                  block_n: int) -> HostPlan:
     """Tile the work list on the host (see the module docstring); rows >= the items' rows are uncovered."""
-    src = work.host if work.host is not None else work  # the engine's host copy: no device round trip
-    host = [t.cpu().numpy().astype(np.int64) for t in (src.q_start, src.q_len, src.kv_len,
-                                                       src.causal, src.page_start)]
+    src = getattr(work, "host", None) or work  # the engine's host copy: no device round trip
+    host = [_host_int64(t) for t in (src.q_start, src.q_len, src.kv_len, src.causal, src.page_start)]
     q_start, q_len, kv_len, causal, page_start = (a[:work.num_items] for a in host)
     small_m, big_m = tile_sizes(group, int(q_len.max(initial=0)))
     item, q_off, n_rows, kv_end, big = _query_blocks(q_len, kv_len, causal, small_m // group, big_m // group)
@@ -162,6 +161,27 @@ def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: i
     merge_rows, merge_ptr, merge_parts, num_parts = _merge_lists(tiles, num_rows)
     return HostPlan(tiles, merge_rows, merge_ptr, merge_parts, num_parts,
                     bool(((causal != 0) & (q_len > 1)).any()), small_m, big_m, split_len)
+
+
+def _host_int64(values) -> np.ndarray:
+    """A work-list column (numpy array, or a tensor anywhere) as an int64 numpy array on the host."""
+    if isinstance(values, np.ndarray):
+        return values.astype(np.int64)
+    return values.cpu().numpy().astype(np.int64)
+
+
+def host_plan_arrays(plan: HostPlan) -> dict[str, np.ndarray]:
+    """The plan's tables as int32 arrays, named for `device_plan_from_arrays` (to be sent in one copy)."""
+    as32 = lambda a: np.ascontiguousarray(a, dtype=np.int32).reshape(-1)  # noqa: E731
+    return {"plan_tiles": as32(plan.tiles), "plan_merge_rows": as32(plan.merge_rows),
+            "plan_merge_ptr": as32(plan.merge_ptr), "plan_merge_parts": as32(plan.merge_parts)}
+
+
+def device_plan_from_arrays(plan: HostPlan, views: dict) -> AttentionPlan:
+    """The `AttentionPlan` of `plan` over device tensors that hold `host_plan_arrays(plan)` (same names)."""
+    return AttentionPlan(views["plan_tiles"].view(-1, TILE_FIELDS), views["plan_merge_rows"],
+                         views["plan_merge_ptr"], views["plan_merge_parts"], plan.num_tiles, plan.num_parts,
+                         plan.num_merge_rows, plan.has_causal, plan.small_m, plan.big_m, plan.split_len)
 
 
 def build_plan(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int, block_n: int,

@@ -264,6 +264,12 @@ def bind_plan(work: AttentionWork, plan: ap.AttentionPlan) -> None:
     `work` lives.
     """
     assert plan.counts is not None, "bind a fixed-grid plan (FixedPlanLayout.device_plan)"
+    attach_plan(work, plan)
+
+
+def attach_plan(work: AttentionWork, plan: ap.AttentionPlan) -> None:
+    """Launch `work` with `plan`, made by the caller (the engine plans each step on the host and sends the
+    plan with the step's other inputs in one copy), instead of planning it here.  Lasts while `work` lives."""
     for key in [k for k, (ref, _) in _bound_plans.items() if ref() is None]:
         del _bound_plans[key]
     _bound_plans[id(work)] = (weakref.ref(work), plan)

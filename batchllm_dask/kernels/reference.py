@@ -118,8 +118,9 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     t, hq, d = q.shape
     acc_out = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
     acc_lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
-    items = zip(work.q_start.tolist(), work.q_len.tolist(), work.kv_len.tolist(), work.causal.tolist(),
-                work.page_start.tolist())
+    src = work.host if work.host is not None else work  # a host copy, where there is one: no device sync
+    items = zip(src.q_start.tolist(), src.q_len.tolist(), src.kv_len.tolist(), src.causal.tolist(),
+                src.page_start.tolist())
     for q_start, q_len, kv_len, causal, page_start in items:
         if q_len == 0 or kv_len == 0:
             continue

@@ -1,0 +1,76 @@
+"""The host one step ahead of the GPU: placeholders for sampled tokens, and what is done when they arrive.
+
+The engine launches step n+1 before it knows the tokens step n samples (engine.py):
+
+1. When a step is launched, every request it samples gets a placeholder token
+   (`mark_sampled`): its length, positions and KV pages are known, only the
+   token id is not.  The next step's decode of that request takes the id from
+   the device (step_inputs.py's feed).  A request whose placeholder is its
+   last token (max_tokens, or the model's context, reached) is DRAINING: it
+   gets no more steps.
+2. When the tokens arrive, one step late (`resolve`), each placeholder gets its
+   id and the stop rules run on it: EOS, stop token ids, stop strings, and
+   DRAINING's end.  A request that stopped on EOS or a stop string was already
+   scheduled into the step in flight: that row is wasted (its KV write lands in
+   pages nothing reads again), its token is dropped, never a wrong token kept.
+
+Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .sampler import StopChecker
+from .sequence import RequestSeq, Status
+from .step_inputs import PLACEHOLDER
+
+
+@dataclass(frozen=True)
+class SampledStep:
+    """The requests one step samples, in its row order, and where each one's placeholder is."""
+
+    seqs: list[RequestSeq]
+    positions: list[int]  # index of the placeholder in seq.tokens
+
+
+def mark_sampled(seqs: list[RequestSeq], max_model_len: int) -> SampledStep:
+    """Give each sampled request a placeholder; mark the ones whose placeholder is their last token."""
+    positions = []
+    for i, seq in enumerate(seqs):
+        seq.tokens.append(PLACEHOLDER)
+        seq.unresolved += 1
+        seq.feed_index = i
+        positions.append(len(seq.tokens) - 1)
+        if len(seq.tokens) - seq.num_prompt >= seq.params.max_tokens or seq.end >= max_model_len:
+            seq.status = Status.DRAINING
+    return SampledStep(seqs, positions)
+
+
+def resolve(step: SampledStep, values: list[int], stop_checker: StopChecker,
+            finish: Callable[[RequestSeq], None]) -> None:
+    """Fill the step's placeholders with the sampled ids; `finish` every request that ended on one."""
+    for seq, pos, token in zip(step.seqs, step.positions, values):
+        if seq.status is Status.FINISHED:  # ended on the step before: this row was wasted
+            continue
+        seq.tokens[pos] = token
+        seq.unresolved -= 1
+        reason = _stop_reason(seq, pos, token, stop_checker)
+        if reason is not None:
+            del seq.tokens[pos + 1:]  # a placeholder of the step in flight, if any
+            seq.unresolved = 0
+            seq.finish_reason = reason
+            finish(seq)
+
+
+def _stop_reason(seq: RequestSeq, pos: int, token: int, stop_checker: StopChecker) -> str | None:
+    """Why the request ends on its token at `pos` ("stop" or "length"), or None."""
+    if seq.params.stop:  # stop strings need the text: the checker's whole decision
+        decision = stop_checker.check(seq.tokens[seq.num_prompt:pos + 1], seq.params)
+        if decision.finished:
+            seq.text = decision.text if decision.reason == "stop" else None
+            return decision.reason
+    elif token in seq.stop_ids:
+        return "stop"
+    last = seq.status is Status.DRAINING and pos == len(seq.tokens) - 1
+    return "length" if last else None

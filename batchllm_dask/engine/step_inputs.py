@@ -1,0 +1,194 @@
+"""A scheduled step as flat host arrays: token ids, positions, KV slots, the attention work list, sampling.
+
+The runner copies these to the device in one transfer (runner.py); nothing
+here touches torch.  Rows are packed decodes first, then prefill chunks, in
+plan order, so the decode rows below one shared prefix are contiguous.
+
+Attention work items (kernels/reference.py):
+
+- a decode row attends to its own segment (q_len 1), and, per shared prefix
+  above it, to that prefix: one item covers a prefix's whole run of decode
+  rows, so the kernel reads the prefix's KV once for all of them;
+- a prefill chunk attends causally to its own segment (earlier chunks plus
+  itself) and fully to each prefix above it.
+
+A decode row whose input token is still being sampled on the device (the
+previous step's output, see engine.py) gets input id -1 here and an entry in
+`feed_rows` / `feed_src`: the runner copies the token there on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from .scheduler import Chunk, StepBatch
+from .sequence import RequestSeq
+
+PLACEHOLDER = -1  # a token id not known on the host yet
+
+
+@dataclass(frozen=True)
+class HostWork:
+    """The attention work list as int32 numpy arrays (see kernels/reference.py for the meaning)."""
+
+    q_start: np.ndarray  # [N]
+    q_len: np.ndarray  # [N]
+    kv_len: np.ndarray  # [N]
+    causal: np.ndarray  # [N]
+    page_start: np.ndarray  # [N]
+    page_ids: np.ndarray  # [P] (at least one entry)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.q_start)
+
+
+@dataclass(frozen=True)
+class SamplingArrays:
+    """Per sampled row: how to sample it (the host side of `sampler.SamplingBatch`)."""
+
+    temperature: np.ndarray  # [R] float32
+    top_p: np.ndarray  # [R] float32
+    top_k: np.ndarray  # [R] int64
+    seed: np.ndarray  # [R] int64 (the seed's low 64 bits, as signed)
+    step: np.ndarray  # [R] int64: index of the completion token being sampled
+    greedy: np.ndarray  # [R] uint8
+    all_greedy: bool
+    any_filter: bool
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Everything one forward pass needs, on the host.  T tokens, R sampled rows, F fed rows."""
+
+    input_ids: np.ndarray  # [T] int64; PLACEHOLDER where fed from the device
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64: page * page_size + offset, where each token's K and V go
+    logits_rows: np.ndarray  # [R] int64: rows whose next token is sampled
+    feed_rows: np.ndarray  # [F] int64: rows whose input token is the previous step's sample...
+    feed_src: np.ndarray  # [F] int64: ...at this index of the previous step's sampled tokens
+    work: HostWork
+    sampling: SamplingArrays
+    num_decodes: int  # rows [0, num_decodes) are decodes; a decode-only step has num_decodes == T
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_decodes == len(self.input_ids)
+
+
+def build_step_inputs(batch: StepBatch, page_size: int) -> StepInputs:
+    """The host arrays of `batch` (its sampled rows are `batch.sampled`, in order)."""
+    items = _Items()
+    dec = _decode_rows(batch.decodes, page_size, items)
+    pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in _chunk_rows(batch)]
+    ids = np.concatenate([dec[0], *(p[0] for p in pre)])
+    positions = np.concatenate([dec[1], *(p[1] for p in pre)])
+    slots = np.concatenate([dec[2], *(p[2] for p in pre)])
+    logits_rows = np.concatenate([np.arange(len(batch.decodes), dtype=np.int64),
+                                  np.asarray([row + c.length - 1 for c, row in _chunk_rows(batch) if c.samples],
+                                             dtype=np.int64)])
+    feed = np.flatnonzero(ids[:len(batch.decodes)] == PLACEHOLDER)
+    feed_src = np.asarray([batch.decodes[i].seq.feed_index for i in feed.tolist()], dtype=np.int64)
+    sampled = [c.seq for c in batch.sampled]
+    return StepInputs(ids, positions, slots, logits_rows, feed.astype(np.int64), feed_src, items.host_work(),
+                      sampling_arrays(sampled), len(batch.decodes))
+
+
+def _chunk_rows(batch: StepBatch):
+    """(prefill chunk, its first row) pairs."""
+    row = len(batch.decodes)
+    for chunk in batch.prefills:
+        yield chunk, row
+        row += chunk.length
+
+
+class _Items:
+    """Attention items as they are added, with their page lists."""
+
+    def __init__(self) -> None:
+        self.q_start: list[int] = []
+        self.q_len: list[int] = []
+        self.kv_len: list[int] = []
+        self.causal: list[int] = []
+        self.pages: list[list[int]] = []
+
+    def add(self, q_start: int, q_len: int, kv_len: int, causal: int, pages: list[int]) -> None:
+        self.q_start.append(q_start)
+        self.q_len.append(q_len)
+        self.kv_len.append(kv_len)
+        self.causal.append(causal)
+        self.pages.append(pages)
+
+    def host_work(self) -> HostWork:
+        counts = np.fromiter(map(len, self.pages), dtype=np.int64, count=len(self.pages))
+        total = int(counts.sum())
+        page_ids = np.fromiter(chain.from_iterable(self.pages), dtype=np.int32, count=total) if total else \
+            np.zeros(1, dtype=np.int32)
+        as32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
+        page_start = (np.cumsum(counts) - counts).astype(np.int32)
+        return HostWork(as32(self.q_start), as32(self.q_len), as32(self.kv_len), as32(self.causal), page_start,
+                        page_ids)
+
+
+def _decode_rows(decodes: list[Chunk], page_size: int, items: _Items):
+    """ids, positions, slots of the decode rows; their own-segment items and one item per prefix run."""
+    n = len(decodes)
+    seqs = [c.seq for c in decodes]
+    starts = np.fromiter((c.start for c in decodes), dtype=np.int64, count=n)
+    ids = np.fromiter((s.tokens[c.start] for s, c in zip(seqs, decodes)), dtype=np.int64, count=n)
+    positions = np.fromiter((s.start for s in seqs), dtype=np.int64, count=n) + starts
+    pages = np.fromiter((s.pages[c.start // page_size] for s, c in zip(seqs, decodes)), dtype=np.int64, count=n)
+    slots = pages * page_size + starts % page_size
+    for row, (seq, chunk) in enumerate(zip(seqs, decodes)):
+        items.add(row, 1, chunk.start + 1, 1, seq.pages)
+    _prefix_runs(seqs, items)
+    return ids, positions, slots
+
+
+def _prefix_runs(seqs: list, items: _Items) -> None:
+    """One item per maximal run of consecutive decode rows below the same prefix, at every level."""
+    open_runs: dict[int, list] = {}  # id(prefix) -> [prefix, first row, last row]
+    for row, seq in enumerate(seqs):
+        for prefix in seq.ancestors():
+            run = open_runs.get(id(prefix))
+            if run is not None and run[2] == row - 1:
+                run[2] = row
+                continue
+            if run is not None:  # not contiguous (never in plan order): close the old run
+                items.add(run[1], run[2] - run[1] + 1, len(run[0].tokens), 0, run[0].pages)
+            open_runs[id(prefix)] = [prefix, row, row]
+    for prefix, first, last in open_runs.values():
+        items.add(first, last - first + 1, len(prefix.tokens), 0, prefix.pages)
+
+
+def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
+    """ids, positions, slots of one prefill chunk; its items (each prefix above, then its own causal segment)."""
+    seq, start, length = chunk
+    span = np.arange(start, start + length, dtype=np.int64)
+    ids = np.asarray(seq.tokens[start:start + length], dtype=np.int64)
+    pages = np.asarray(seq.pages, dtype=np.int64)
+    slots = pages[span // page_size] * page_size + span % page_size
+    for prefix in seq.ancestors():
+        items.add(row, length, len(prefix.tokens), 0, prefix.pages)
+    items.add(row, length, start + length, 1, seq.pages)
+    return ids, span + seq.start, slots
+
+
+def sampling_arrays(seqs: list[RequestSeq]) -> SamplingArrays:
+    """The per-row sampling settings of the sampled requests (their cached `sampling_row`)."""
+    n = len(seqs)
+    rows = [s.sampling_row for s in seqs]
+    temperature = np.fromiter((r[0] for r in rows), dtype=np.float32, count=n)
+    top_p = np.fromiter((r[1] for r in rows), dtype=np.float32, count=n)
+    top_k = np.fromiter((r[2] for r in rows), dtype=np.int64, count=n)
+    seed = np.fromiter((r[3] for r in rows), dtype=np.int64, count=n)
+    greedy = np.fromiter((r[4] for r in rows), dtype=np.uint8, count=n)
+    step = np.fromiter((len(s.tokens) - s.num_prompt for s in seqs), dtype=np.int64, count=n)
+    filters = np.fromiter((r[5] for r in rows), dtype=bool, count=n)
+    return SamplingArrays(temperature, top_p, top_k, seed, step, greedy, bool(greedy.all()), bool(filters.any()))
