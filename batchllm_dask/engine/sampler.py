@@ -10,6 +10,11 @@ devices, which moves a token only on an exact near-tie).
 
 Stops are checked per request after each token (`StopChecker`); stop strings
 are looked for in the decoded text of the last few tokens only.
+
+A grammar's token mask (structured.py) is applied to the logits before `sample`
+by `apply_token_mask`, for greedy and sampled rows alike: a masked token gets
+-inf, so neither argmax nor the Gumbel-max sample can pick it, and the numerics
+of the allowed tokens are unchanged.
 """
 from __future__ import annotations
 
@@ -126,6 +131,21 @@ def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
     gumbel = -torch.log(-torch.log(hash_uniform(batch.seed, batch.step, logits.shape[-1])))
     sampled = (scaled + gumbel).argmax(dim=-1)
     return torch.where(batch.greedy, greedy_tokens, sampled)
+
+
+def apply_token_mask(logits: Tensor, mask: Tensor) -> Tensor:
+    """logits [R, V] with each token whose bit is 0 in `mask` set to -inf (a new tensor).
+
+    mask: [R, ceil(V / 32)] int32 on the logits' device; bit j of word w allows token
+    32 * w + j.  Read as bytes (little-endian, as on every device torch runs on), bit k
+    of byte b is token 8 * b + k.
+    """
+    rows, vocab = logits.shape
+    if mask.shape != (rows, (vocab + 31) // 32) or mask.dtype != torch.int32:
+        raise ValueError(f"mask must be int32 [{rows}, {(vocab + 31) // 32}], got {mask.dtype} {tuple(mask.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    allowed = (mask.view(torch.uint8).unsqueeze(-1) >> shifts) & 1  # [R, 4 * words, 8]
+    return logits.masked_fill(allowed.view(rows, -1)[:, :vocab] == 0, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------- stops
