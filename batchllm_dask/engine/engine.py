@@ -27,6 +27,7 @@ from .runner import ModelRunner
 from .sampler import StopChecker
 from .scheduler import Scheduler, order_requests
 from .sequence import PrefixSeq, RequestSeq
+from .structured import GrammarCompiler, GrammarMatchers
 
 _CPU_KV_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +50,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_token_ids, self.device)
         self.last_stats: GenerationStats | None = None
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
@@ -66,10 +68,11 @@ class Engine:
         valid = [i for i, p in enumerate(prepared) if p.error is None]
         plan = self._plan([prepared[i].token_ids for i in valid])
         requests = self._make_requests(plan, valid, prepared, params)
+        matchers = self.grammars.start({seq.index: seq.params for seq in requests})  # None: nothing constrained
         show = self.config.progress if progress is None else progress
         with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
             bar.update(len(prompts) - len(valid))
-            scheduler, steps, tokens = self._run(requests, bar)
+            scheduler, steps, tokens = self._run(requests, bar, matchers)
         for seq in requests:
             completions[seq.index] = self._completion(seq, prepared[seq.index])
         self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, steps, tokens,
@@ -117,7 +120,8 @@ class Engine:
         return requests
 
     # -- the loop --------------------------------------------------------------------------
-    def _run(self, requests: list[RequestSeq], bar: tqdm) -> tuple[Scheduler, int, int]:
+    def _run(self, requests: list[RequestSeq], bar: tqdm,
+             matchers: GrammarMatchers | None = None) -> tuple[Scheduler, int, int]:
         scheduler = Scheduler(requests, PageAllocator(self.num_kv_pages), self.config.page_size,
                               self.config.max_num_batched_tokens, self.config.max_num_seqs)
         steps = batched_tokens = 0
@@ -128,19 +132,23 @@ class Engine:
                 if scheduler.done:
                     break
                 raise RuntimeError("scheduler made no progress: this is a bug, please report it")
-            sampled = self.runner.run(batch)
+            sampled = self.runner.run(batch, matchers)
             scheduler.commit(batch)
             steps, batched_tokens = steps + 1, batched_tokens + batch.num_tokens
+            # structured output: advance the grammars by this step's tokens (structured.py)
+            ended = set(matchers.accept([c.seq.index for c in batch.sampled], sampled)) if matchers else set()
             for chunk, token in zip(batch.sampled, sampled):
-                if self._append(chunk.seq, token):
+                if self._append(chunk.seq, token, chunk.seq.index in ended):
                     scheduler.finish(chunk.seq)
+                    if matchers:
+                        matchers.release([chunk.seq.index])
                     bar.update(1)
         return scheduler, steps, batched_tokens
 
-    def _append(self, seq: RequestSeq, token: int) -> bool:
+    def _append(self, seq: RequestSeq, token: int, grammar_ended: bool = False) -> bool:
         """Add a sampled token; True when the request is finished."""
         seq.tokens.append(token)
-        decision = self.stop_checker.check(seq.output, seq.params)
+        decision = self.stop_checker.check(seq.output, seq.params, grammar_ended)
         if decision.finished:
             seq.finish_reason, seq.text = decision.reason, decision.text
         elif seq.end >= self.max_model_len:

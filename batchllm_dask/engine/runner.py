@@ -17,14 +17,14 @@ Decode-only steps replay CUDA graphs when enabled (cuda_graphs.py); the rest run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..kernels import AttentionWork
 from .batch import ForwardBatch
 from .model import CausalLM
-from .sampler import SamplingBatch, sample
+from .sampler import SamplingBatch, apply_token_mask, sample
 from .scheduler import Chunk, StepBatch
 from .sequence import RequestSeq
 
@@ -81,8 +81,12 @@ class ModelRunner:
                                              attention_backend)
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> list[int]:
-        """Run one step; the sampled token of each chunk in `batch.sampled`, in that order."""
+    def run(self, batch: StepBatch, grammars: Any = None) -> list[int]:
+        """Run one step; the sampled token of each chunk in `batch.sampled`, in that order.
+
+        grammars: the call's `structured.GrammarMatchers` (or None); their masks are computed on
+        the host after the forward pass is launched, while the device runs it.
+        """
         rows = self._rows(batch)
         logits = None
         if self.graphs is not None and not batch.prefills:
@@ -93,6 +97,9 @@ class ModelRunner:
                 return []
             logits = self.model.compute_logits(hidden)
         seqs: list[RequestSeq] = [c.seq for c in batch.sampled]  # type: ignore[misc]
+        mask = grammars.fill_mask([s.index for s in seqs]) if grammars is not None else None
+        if mask is not None:
+            logits = apply_token_mask(logits, mask.to(self.device, non_blocking=True))
         params = SamplingBatch.build([s.params for s in seqs], [s.seed for s in seqs],
                                      [len(s.output) for s in seqs], self.device)
         return sample(logits, params).tolist()

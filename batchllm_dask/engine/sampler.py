@@ -176,7 +176,8 @@ class StopChecker:
     Stateless: `check` is given the completion's token ids so far and must be
     called after every token (a stop string is looked for only in the text of
     the last few tokens).  Checked in order: EOS (unless ignore_eos),
-    stop_token_ids, stop strings, max_tokens.  The token that triggered a stop
+    stop_token_ids, stop strings, the end of the request's grammar (structured
+    output: nothing may follow, reason "stop"), max_tokens.  The token that triggered a stop
     stays in the token ids, as HF `generate` keeps EOS; its text is dropped only
     where it is a special token.
     """
@@ -185,8 +186,11 @@ class StopChecker:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
 
-    def check(self, token_ids: Sequence[int], params: SamplingParams) -> StopDecision:
-        """The decision after `token_ids[-1]` (the completion's tokens, prompt excluded)."""
+    def check(self, token_ids: Sequence[int], params: SamplingParams, grammar_ended: bool = False) -> StopDecision:
+        """The decision after `token_ids[-1]` (the completion's tokens, prompt excluded).
+
+        grammar_ended: the request's constraint is complete with this token (structured.py).
+        """
         last = token_ids[-1]
         if last in self.eos_token_ids and not params.ignore_eos:
             return StopDecision(True, "stop", self.decode(token_ids), last)
@@ -196,6 +200,8 @@ class StopChecker:
             decision = self._check_stop_strings(token_ids, params.stop)
             if decision.finished:
                 return decision
+        if grammar_ended:
+            return StopDecision(True, "stop", self.decode(token_ids))
         if len(token_ids) >= params.max_tokens:
             return StopDecision(True, "length", self.decode(token_ids))
         return RUNNING
