@@ -4,10 +4,8 @@ from __future__ import annotations
 import enum
 import json
 import pickle
-import re
 from typing import Literal, Optional
 
-import jsonschema
 import pandas as pd
 import pydantic
 import pytest
@@ -21,14 +19,8 @@ from batchllm_dask.engine.default_model import build_tokenizer
 from batchllm_dask.engine.sampler import SamplingBatch, apply_token_mask, sample
 from batchllm_dask.engine.structured import GrammarCompiler
 from batchllm_dask.json_columns import add_field_columns, check_field_names, column_dtypes
+from _helpers import DATE, SCHEMA, assert_valid
 
-SCHEMA = {"type": "object", "properties": {
-    "label": {"enum": ["positive", "negative", "mixed"]},
-    "score": {"type": "integer", "minimum": 0, "maximum": 100},
-    "ok": {"type": "boolean"},
-    "name": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
-    "required": ["label", "score", "ok", "name"]}
-DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
 CHOICES = ["yes", "no", "not sure"]
 
 
@@ -176,16 +168,6 @@ def decode_under_masks(compiler, params: dict[int, SamplingParams], vocab: int, 
             outputs[rid].append(token)
         alive = [r for r, t in zip(alive, tokens) if r not in ended and t != eos and len(outputs[r]) < limit]
     return outputs
-
-
-def assert_valid(text: str, params: SamplingParams) -> None:
-    kind, value = params.constraint
-    if kind == "json_schema":
-        jsonschema.validate(json.loads(text), json.loads(value))
-    elif kind == "regex":
-        assert re.fullmatch(value, text), text
-    else:
-        assert text in value
 
 
 def test_every_output_decoded_under_its_mask_is_valid(tokenizer):

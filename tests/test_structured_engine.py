@@ -7,22 +7,14 @@ import re
 from typing import Literal
 
 import dask
-import jsonschema
 import pandas as pd
 import pydantic
 import pytest
 
 from batchllm_dask.engine import Engine, SamplingParams
-from _helpers import to_dask
+from _helpers import DATE, SCHEMA, assert_valid, to_dask
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20, "min_shared_tokens": 16}
-SCHEMA = {"type": "object", "properties": {
-    "label": {"enum": ["positive", "negative", "mixed"]},
-    "score": {"type": "integer", "minimum": 0, "maximum": 100},
-    "ok": {"type": "boolean"},
-    "name": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
-    "required": ["label", "score", "ok", "name"]}
-DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
 CHOICES = ("positive", "negative", "neutral")
 INSTRUCTION = "Read the review and answer in the format asked for. The review follows. " * 2
 
@@ -46,16 +38,6 @@ def engine(tiny_llama_dir) -> Engine:
 def constrained(kind: str, **sampling) -> SamplingParams:
     value = {"json_schema": SCHEMA, "regex": DATE, "choice": CHOICES}[kind]
     return SamplingParams(max_tokens=120, **{kind: value}, **sampling)
-
-
-def assert_valid(text: str, params: SamplingParams) -> None:
-    kind, value = params.constraint
-    if kind == "json_schema":
-        jsonschema.validate(json.loads(text), json.loads(value))
-    elif kind == "regex":
-        assert re.fullmatch(value, text), text
-    else:
-        assert text in value, text
 
 
 @pytest.mark.parametrize("kind", ["json_schema", "regex", "choice"])
@@ -171,3 +153,18 @@ def test_bad_constraints_raise_before_anything_runs(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"json_schema: field\(s\) \['row'\]"):
         df.llm.generate("prompt", str(tiny_llama_dir), json_schema={"properties": {"row": {"type": "integer"}}},
                         **ENGINE)
+
+
+@pytest.mark.slow
+def test_the_structured_benchmark_runs_in_its_tiny_cpu_mode(tmp_path):
+    """bench/structured.py --tiny: trained vocabulary installed, every constrained output valid, the
+    unconstrained run made of the same token counts (its figures are the GPU's to give)."""
+    from batchllm_dask.bench import structured
+    structured.main(["--tiny", "--requests", "2", "--max-tokens", "160", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_structured_tiny.json").read_text())
+    assert report["vocab_tokens"] == 2048
+    (row,) = report["rows"]
+    assert row["valid"] == 2 and row["cut_by_max_tokens"] == 0
+    assert row["constrained_steps"] == row["unconstrained_steps"] and row["fill_mask_calls"] > 0
+    from batchllm_dask.engine.structured import GrammarMatchers
+    assert GrammarMatchers.fill_mask.__qualname__ == "GrammarMatchers.fill_mask"  # the timer unwrapped it
