@@ -1,9 +1,12 @@
 """Grammar-constrained decoding: a token mask per constrained request, applied before sampling.
 
-The grammar library is llguidance (chosen over xgrammar by measurement; the issue note
-says how): its masks were the faster of the two on a 128k vocabulary, a new grammar costs
-milliseconds rather than a second of vocabulary preprocessing, and its wheel needs nothing
-else.  Per engine, a `GrammarCompiler` holds the tokenizer as llguidance sees it (built on
+The grammar library is llguidance 1.9, chosen over xgrammar 0.2.8 by measurement (2 CPU
+cores, Llama 3's 128256-token vocabulary, a five-field JSON schema, random allowed tokens):
+a step's masks for 32 requests took 5.8 ms (median; p95 12.7) against 13.8 ms (p95 39.8), for
+128 requests 18 ms against 46 ms; a new grammar costs 3 ms against 1.5 s of vocabulary
+preprocessing (per distinct schema or choice list); and its wheel needs nothing else (xgrammar
+brings pydantic and apache-tvm-ffi).  Its tokenizer takes longer to build (1.8 s against 0.6 s),
+once per engine.  On the 259-token byte tokenizer both are well under a millisecond.  Per engine, a `GrammarCompiler` holds the tokenizer as llguidance sees it (built on
 first use, about 2 s for a 128k vocabulary, never for an engine without constraints), one
 compiled matcher per distinct grammar that each request copies (~15 us), and a thread pool
 that computes masks.  Per `generate` call, `GrammarMatchers` keeps one matcher per
