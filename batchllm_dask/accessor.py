@@ -15,6 +15,8 @@ sampling or engine value `ValueError`, an unknown option `TypeError`.
 
 The result has the input's rows, columns and index, plus `output_col`
 ("completion"), prompt_tokens, completion_tokens, finish_reason and error.
+With a `json_schema`, the schema's top-level fields follow as typed columns
+(`json_columns.py`).
 A pandas call runs at once and keeps the input's row order.  A Dask result
 keeps every row's index but not the order of rows: rows are grouped by shared
 prefix into new partitions (divisions unknown); `.sort_index()` or a join on
@@ -32,7 +34,8 @@ import pandas as pd
 
 from .planning import (ERROR, KEY, KEY_LEN, TARGET, TOKENS, drop_internal, prefix_shuffle, restore_index,
                        token_counts, tokenize)
-from .worker import EngineSpec, cluster_workers, generate_partition, result_meta, run_partition
+from .json_columns import check_field_names
+from .worker import EngineSpec, cluster_workers, generate_partition, result_columns, result_meta, run_partition
 
 
 def _dask_dataframe_types() -> tuple[type, type]:
@@ -91,7 +94,7 @@ def _generate_pandas(df: pd.DataFrame, prompt_col: str, spec: EngineSpec, sampli
 def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, chat: bool,
                    output_col: str, npartitions: int | None) -> Any:
     n = npartitions or default_npartitions(ddf)
-    meta = result_meta(ddf._meta, output_col)
+    meta = result_meta(ddf._meta, output_col, sampling)
     if n == 1:  # one engine call sees every row: nothing to plan, no shuffle; tokenize in that one task
         return ddf.repartition(npartitions=1).map_partitions(generate_partition, prompt_col, spec, sampling, chat,
                                                              output_col, meta=meta)
@@ -110,8 +113,12 @@ def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "complet
         one user message; messages go through the tokenizer's chat template.
     model: a local Hugging Face checkpoint directory, loaded once per worker process.
     options: `SamplingParams` fields (max_tokens, temperature, top_p, top_k,
-        seed, stop, stop_token_ids, ignore_eos) and `EngineConfig` fields
-        (dtype, device, kv_cache_bytes, page_size, ...).
+        seed, stop, stop_token_ids, ignore_eos; one constraint of json_schema,
+        regex, choice) and `EngineConfig` fields (dtype, device, kv_cache_bytes,
+        page_size, ...).  With `json_schema` (a dict or a pydantic model class)
+        the result also has the schema's top-level fields as typed columns
+        (see `json_columns`); a field named like a column of the result is a
+        ValueError.
     npartitions (Dask only): output partitions; default one per (GPU) worker
         of the current distributed client, else the input's number.
 
@@ -129,6 +136,8 @@ def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "complet
                        npartitions=npartitions, **options)
         return out[output_col]
     _check_column(df.columns, prompt_col)
+    if sampling.json_schema is not None:
+        check_field_names(sampling.json_schema, [*df.columns, *result_columns(pd.RangeIndex(0), [], [], output_col)])
     if isinstance(df, pd.DataFrame):
         return _generate_pandas(df, prompt_col, spec, sampling, chat, output_col)
     return _generate_dask(df, prompt_col, spec, sampling, chat, output_col, npartitions)

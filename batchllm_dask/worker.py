@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from .caches import EngineSpec, engine_loads, engine_stats, get_engine  # noqa: F401 - re-exported
+from .json_columns import add_field_columns
 from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays, tokenize_rows
 
 
@@ -44,8 +45,8 @@ def generate_partition(part: pd.DataFrame, prompt_col: str, spec: EngineSpec, sa
 
 def generate_rows(part: pd.DataFrame, ids: list[Any], errors: list[Any], spec: EngineSpec, sampling: Any,
                   output_col: str) -> pd.DataFrame:
-    """`part` plus the completion columns: rows without an error go to one `Engine.generate` call,
-    the rest keep their error."""
+    """`part` plus the completion columns (and, with a JSON schema, its fields): rows without an error go
+    to one `Engine.generate` call, the rest keep their error."""
     todo = [i for i, e in enumerate(errors) if not isinstance(e, str)]
     results: list[Any] = [None] * len(part)
     if todo:
@@ -55,7 +56,8 @@ def generate_rows(part: pd.DataFrame, ids: list[Any], errors: list[Any], spec: E
             outs = cached.engine.generate(prompts, sampling)
         for i, out in zip(todo, outs):
             results[i] = out
-    return part.assign(**result_columns(part.index, results, errors, output_col))
+    return part.assign(**with_schema_fields(result_columns(part.index, results, errors, output_col), sampling,
+                                            output_col))
 
 
 PAUSE_PROFILER = "batchllm.pause-worker-profiler"  # dask config key; default True
@@ -140,9 +142,15 @@ def result_columns(index: pd.Index, results: list[Any], errors: list[Any], outpu
     }
 
 
-def result_meta(meta: pd.DataFrame, output_col: str) -> pd.DataFrame:
-    """`meta` plus the completion columns, with the dtypes `run_partition` produces."""
-    return meta.assign(**result_columns(meta.index, [], [], output_col))
+def with_schema_fields(columns: dict[str, pd.Series], sampling: Any, output_col: str) -> dict[str, pd.Series]:
+    """The completion columns plus the JSON schema's typed fields when the sampling has a schema (json_columns.py)."""
+    schema = getattr(sampling, "json_schema", None)
+    return columns if schema is None else add_field_columns(columns, schema, output_col)
+
+
+def result_meta(meta: pd.DataFrame, output_col: str, sampling: Any = None) -> pd.DataFrame:
+    """`meta` plus the completion columns (and the schema's fields), with the dtypes `run_partition` produces."""
+    return meta.assign(**with_schema_fields(result_columns(meta.index, [], [], output_col), sampling, output_col))
 
 
 # ----------------------------------------------------------------------------- GPU placement

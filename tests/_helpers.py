@@ -1,6 +1,9 @@
 """Small helpers shared by test modules (pytest puts this folder on sys.path)."""
 from __future__ import annotations
 
+import json
+import re
+
 import dask
 import dask.dataframe as dd
 import pandas as pd
@@ -31,3 +34,26 @@ def kernel_device() -> str:
     TRITON_INTERPRET=1 when there is no CUDA), else the GPU."""
     import os
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+# Structured output (test_structured*.py): a schema whose every output is short, and the validity check.
+SCHEMA = {"type": "object", "properties": {
+    "label": {"enum": ["positive", "negative", "mixed"]},
+    "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    "ok": {"type": "boolean"},
+    "name": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
+    "required": ["label", "score", "ok", "name"]}
+DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+
+
+def assert_valid(text: str, params) -> None:
+    """The text satisfies the SamplingParams' constraint: validates against its schema, matches its regex,
+    or is one of its choices."""
+    import jsonschema
+    kind, value = params.constraint
+    if kind == "json_schema":
+        jsonschema.validate(json.loads(text), json.loads(value))
+    elif kind == "regex":
+        assert re.fullmatch(value, text), text
+    else:
+        assert text in value, text

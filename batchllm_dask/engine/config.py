@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
+
+from . import constraints
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -34,6 +37,13 @@ class SamplingParams:
     whatever else is in the batch and in whatever order it runs.  `stop`
     strings end the completion and are not part of its text; `stop_token_ids`
     and the model's EOS end it too (unless `ignore_eos`).
+
+    At most one constraint on the completion (engine/constraints.py, decoded by
+    engine/structured.py): `json_schema` (a dict, JSON text or a pydantic model
+    class; kept as compact JSON text), `regex`, or `choice` (a list of strings;
+    kept as a tuple).  A constrained request ends when its grammar does (reason
+    "stop"), or earlier by EOS, a stop or max_tokens ("length": then a JSON
+    output is cut short).
     """
 
     max_tokens: int = 16
@@ -44,6 +54,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    json_schema: Any = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept a single string and any iterable for the tuple fields.
@@ -69,6 +82,24 @@ class SamplingParams:
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                f"must be non-negative integers, got {self.stop_token_ids!r}")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        object.__setattr__(self, "json_schema", constraints.schema_text(self.json_schema))
+        object.__setattr__(self, "choice", constraints.choice_tuple(self.choice))
+        given = [name for name in constraints.CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        _check(len(given) <= 1, ", ".join(given), "give at most one of json_schema, regex, choice")
+        if given:
+            constraints.check(given[0], getattr(self, given[0]))
+
+    @property
+    def constraint(self) -> tuple[str, str | tuple[str, ...]] | None:
+        """(field name, canonical value) of the completion's constraint, or None."""
+        for name in constraints.CONSTRAINT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
     @property
     def greedy(self) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -37,9 +37,11 @@ from .prefix_tree import PrefixPlan, build_prefix_plan
 from .runner import ModelRunner
 from .sampler import StopChecker, sampling_row
 from .scheduler import Scheduler, StepBatch, order_requests
+from .runner import StepLogits
 from .sequence import PrefixSeq, RequestSeq
 from .staging import SampledTokens
 from .step_inputs import build_step_inputs
+from .structured import GrammarCompiler, GrammarMatchers
 
 _MIN_OOM_BUDGET = 16  # the smallest token budget an out-of-memory retry goes down to
 
@@ -64,6 +66,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_token_ids, self.device)
         self.last_stats: GenerationStats | None = None
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
@@ -81,10 +84,11 @@ class Engine:
         valid = [i for i, p in enumerate(prepared) if p.error is None]
         plan = self._plan([prepared[i].token_ids for i in valid])
         requests = self._make_requests(plan, valid, prepared, params)
+        matchers = self.grammars.start({seq.index: seq.params for seq in requests})  # None: nothing constrained
         show = self.config.progress if progress is None else progress
         with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
             bar.update(len(prompts) - len(valid))
-            scheduler, steps, tokens, oom_retries = self._run(requests, bar)
+            scheduler, steps, tokens, oom_retries = self._run(requests, bar, matchers)
         for seq in requests:
             completions[seq.index] = self._completion(seq, prepared[seq.index])
         self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, steps, tokens,
@@ -137,16 +141,23 @@ class Engine:
         return requests
 
     # -- the loop --------------------------------------------------------------------------
-    def _run(self, requests: list[RequestSeq], bar: tqdm) -> tuple[Scheduler, int, int, int]:
-        """Run every request to the end: launch step n+1, then retire what step n's tokens finished."""
+    def _run(self, requests: list[RequestSeq], bar: tqdm,
+             matchers: GrammarMatchers | None = None) -> tuple[Scheduler, int, int, int]:
+        """Run every request to the end: launch step n+1, then retire what step n's tokens finished.
+
+        Structured output (matchers): a constrained row's mask for step n+1 needs step n's token, so a step
+        with such rows is sampled only after step n's tokens are in, while its forward pass runs.
+        """
         scheduler = Scheduler(requests, PageAllocator(self.num_kv_pages), self.config.page_size,
                               self.config.max_num_batched_tokens, self.config.max_num_seqs,
                               self.config.decode_reserve, page_bytes=self._page_bytes())
         steps = batched_tokens = oom_retries = 0
-        in_flight: tuple[SampledStep, SampledTokens] | None = None
+        in_flight: _InFlight | None = None
 
         def finish(seq: RequestSeq) -> None:
             scheduler.finish(seq)
+            if matchers is not None:
+                matchers.release([seq.index])
             bar.update(1)
 
         while True:
@@ -155,26 +166,32 @@ class Engine:
                 batch = scheduler.schedule()
                 bar.update(len(batch.failed))
                 if batch.num_tokens:
-                    launched = self._launch(scheduler, batch, in_flight)
+                    launched = self._launch(scheduler, batch, in_flight, matchers)
                     retried = launched is None
                     oom_retries += retried
                     steps += not retried
                     batched_tokens += 0 if retried else batch.num_tokens
             if in_flight is not None:
-                resolve(in_flight[0], in_flight[1].wait(), self.stop_checker, finish)
+                resolve(in_flight.sampled, in_flight.tokens.wait(), self.stop_checker, finish, matchers)
             elif launched is None and not retried:
                 if scheduler.done:
                     break
                 raise RuntimeError("scheduler made no progress: this is a bug, please report it")
+            if launched is not None and launched.tokens is None:  # constrained rows: masks from the tokens just in
+                mask = matchers.fill_mask([seq.index for seq in launched.sampled.seqs])
+                launched.tokens = self.runner.sample(launched.logits, mask)
             in_flight = launched
         return scheduler, steps, batched_tokens, oom_retries
 
-    def _launch(self, scheduler: Scheduler, batch: StepBatch,
-                in_flight: tuple[SampledStep, SampledTokens] | None) -> tuple[SampledStep, SampledTokens] | None:
-        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the budget and return None."""
+    def _launch(self, scheduler: Scheduler, batch: StepBatch, in_flight: _InFlight | None,
+                matchers: GrammarMatchers | None) -> _InFlight | None:
+        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the budget and return None.
+
+        The step is sampled at once unless one of its rows is constrained (see `_run`).
+        """
         inputs = build_step_inputs(batch, self.config.page_size)
         try:
-            tokens = self.runner.launch(inputs, in_flight[1] if in_flight is not None else None)
+            logits = self.runner.forward(inputs, in_flight.tokens if in_flight is not None else None)
         except torch.OutOfMemoryError:
             if scheduler.max_batched_tokens <= _MIN_OOM_BUDGET:
                 raise
@@ -182,7 +199,10 @@ class Engine:
             scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, scheduler.max_batched_tokens // 2)
             return None
         scheduler.commit(batch)
-        return mark_sampled([c.seq for c in batch.sampled], self.max_model_len), tokens
+        seqs = [c.seq for c in batch.sampled]
+        constrained = matchers is not None and any(matchers.constrained(seq.index) for seq in seqs)
+        tokens = None if constrained else self.runner.sample(logits)
+        return _InFlight(mark_sampled(seqs, self.max_model_len), logits, tokens)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         eos = () if params.ignore_eos else self.eos_token_ids
@@ -221,6 +241,15 @@ class Engine:
         if pages < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV page of {per_page} bytes")
         return pages
+
+
+@dataclass
+class _InFlight:
+    """A launched step: who it samples (with their placeholders), its logits, and its tokens once sampled."""
+
+    sampled: SampledStep
+    logits: StepLogits
+    tokens: SampledTokens | None
 
 
 def _make_config(config: EngineConfig | None, dtype: str | None, device: str | None, options: dict) -> EngineConfig:

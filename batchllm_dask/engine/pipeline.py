@@ -19,11 +19,14 @@ Pure Python: no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .sampler import StopChecker
 from .sequence import RequestSeq, Status
 from .step_inputs import PLACEHOLDER
+
+if TYPE_CHECKING:
+    from .sampler import StopChecker
+    from .structured import GrammarMatchers
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,19 @@ def mark_sampled(seqs: list[RequestSeq], max_model_len: int) -> SampledStep:
 
 
 def resolve(step: SampledStep, values: list[int], stop_checker: StopChecker,
-            finish: Callable[[RequestSeq], None]) -> None:
-    """Fill the step's placeholders with the sampled ids; `finish` every request that ended on one."""
-    for seq, pos, token in zip(step.seqs, step.positions, values):
-        if seq.status is Status.FINISHED:  # ended on the step before: this row was wasted
-            continue
+            finish: Callable[[RequestSeq], None], grammars: GrammarMatchers | None = None) -> None:
+    """Fill the step's placeholders with the sampled ids; `finish` every request that ended on one.
+
+    grammars: structured output's matchers, advanced by the tokens of their requests (a grammar that is
+    complete ends its request, reason "stop").
+    """
+    live = [(seq, pos, token) for seq, pos, token in zip(step.seqs, step.positions, values)
+            if seq.status is not Status.FINISHED]  # a request that ended on the step before: its row was wasted
+    ended = set(grammars.accept([s.index for s, _, _ in live], [t for _, _, t in live])) if grammars else ()
+    for seq, pos, token in live:
         seq.tokens[pos] = token
         seq.unresolved -= 1
-        reason = _stop_reason(seq, pos, token, stop_checker)
+        reason = _stop_reason(seq, pos, token, stop_checker, seq.index in ended)
         if reason is not None:
             del seq.tokens[pos + 1:]  # a placeholder of the step in flight, if any
             seq.unresolved = 0
@@ -63,14 +71,15 @@ def resolve(step: SampledStep, values: list[int], stop_checker: StopChecker,
             finish(seq)
 
 
-def _stop_reason(seq: RequestSeq, pos: int, token: int, stop_checker: StopChecker) -> str | None:
+def _stop_reason(seq: RequestSeq, pos: int, token: int, stop_checker: StopChecker,
+                 grammar_ended: bool) -> str | None:
     """Why the request ends on its token at `pos` ("stop" or "length"), or None."""
     if seq.params.stop:  # stop strings need the text: the checker's whole decision
-        decision = stop_checker.check(seq.tokens[seq.num_prompt:pos + 1], seq.params)
+        decision = stop_checker.check(seq.tokens[seq.num_prompt:pos + 1], seq.params, grammar_ended)
         if decision.finished:
-            seq.text = decision.text if decision.reason == "stop" else None
+            seq.text = decision.text if decision.matched in seq.params.stop else None
             return decision.reason
-    elif token in seq.stop_ids:
+    elif token in seq.stop_ids or grammar_ended:
         return "stop"
     last = seq.status is Status.DRAINING and pos == len(seq.tokens) - 1
     return "length" if last else None

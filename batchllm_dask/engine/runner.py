@@ -12,11 +12,13 @@ step_inputs.py) into a forward pass:
    sampling are copied on the device from that step's output (the feed);
 3. the forward pass, replayed from a CUDA graph for decode-only steps where it
    can (cuda_graphs.py), eager otherwise; logits for the sampled rows only;
-4. sampling on the device, and the tokens copied into pinned memory behind an
-   event (`SampledTokens`): `launch` returns before any of it has run.
+4. sampling on the device (`sample`, with structured output's token mask where a
+   row has one), and the tokens copied into pinned memory behind an event
+   (`SampledTokens`): neither call waits for the device.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 from ..kernels import AttentionWork, uses_triton
 from .batch import ForwardBatch
 from .model import CausalLM
-from .sampler import SamplingBatch, sample
+from .sampler import SamplingBatch, apply_token_mask, sample
 from .staging import SampledTokens, Stager, TokenReturn
 from .step_inputs import HostWork, SamplingArrays, StepInputs
 
@@ -33,6 +35,14 @@ if TYPE_CHECKING:
     from .cuda_graphs import DecodeGraphs
 
 _WORK_FIELDS = ("q_start", "q_len", "kv_len", "causal", "page_start", "page_ids")
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """A launched step's logits [R, vocab] float32 (device) and how to sample each row."""
+
+    logits: torch.Tensor
+    sampling: SamplingBatch
 
 
 class ModelRunner:
@@ -64,8 +74,8 @@ class ModelRunner:
                                              attention_backend)
 
     @torch.inference_mode()
-    def launch(self, inputs: StepInputs, previous: SampledTokens | None) -> SampledTokens:
-        """Queue one step on the device; its sampled tokens (one per `inputs.logits_rows`) come back later.
+    def forward(self, inputs: StepInputs, previous: SampledTokens | None) -> StepLogits:
+        """Queue one step's forward pass on the device; its logits (one row per `inputs.logits_rows`) come back.
 
         previous: the last step's tokens, where some of this step's input ids are still on the device.
         """
@@ -76,8 +86,18 @@ class ModelRunner:
         logits = self.graphs.run(inputs, feed) if graphed else None
         if logits is None:
             logits = self._eager(inputs, dev, plan, feed)
-        tokens = sample(logits, _sampling_batch(inputs.sampling, dev))
-        return self.returns.send(tokens)
+        return StepLogits(logits, _sampling_batch(inputs.sampling, dev))
+
+    @torch.inference_mode()
+    def sample(self, step: StepLogits, mask: torch.Tensor | None = None) -> SampledTokens:
+        """Queue the sampling of a step's logits; the tokens reach the host behind an event.
+
+        mask: structured output's host int32 bitmask [R, ceil(V/32)] (structured.py), or None.
+        """
+        logits = step.logits
+        if mask is not None:
+            logits = apply_token_mask(logits, mask.to(self.device, non_blocking=True))
+        return self.returns.send(sample(logits, step.sampling))
 
     def _eager(self, inputs: StepInputs, dev: dict, plan, feed) -> torch.Tensor:
         if "input_ids" not in dev:  # a decode-only step that the graphs could not take: stage the rest now

@@ -10,6 +10,11 @@ devices, which moves a token only on an exact near-tie).
 
 Stops are checked per request after each token (`StopChecker`); stop strings
 are looked for in the decoded text of the last few tokens only.
+
+A grammar's token mask (structured.py) is applied to the logits before `sample`
+by `apply_token_mask`, for greedy and sampled rows alike: a masked token gets
+-inf, so neither argmax nor the Gumbel-max sample can pick it, and the numerics
+of the allowed tokens are unchanged.
 """
 from __future__ import annotations
 
@@ -135,6 +140,21 @@ def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
     return torch.where(batch.greedy, greedy_tokens, sampled)
 
 
+def apply_token_mask(logits: Tensor, mask: Tensor) -> Tensor:
+    """logits [R, V] with each token whose bit is 0 in `mask` set to -inf (a new tensor).
+
+    mask: [R, ceil(V / 32)] int32 on the logits' device; bit j of word w allows token
+    32 * w + j.  Read as bytes (little-endian, as on every device torch runs on), bit k
+    of byte b is token 8 * b + k.
+    """
+    rows, vocab = logits.shape
+    if mask.shape != (rows, (vocab + 31) // 32) or mask.dtype != torch.int32:
+        raise ValueError(f"mask must be int32 [{rows}, {(vocab + 31) // 32}], got {mask.dtype} {tuple(mask.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    allowed = (mask.view(torch.uint8).unsqueeze(-1) >> shifts) & 1  # [R, 4 * words, 8]
+    return logits.masked_fill(allowed.view(rows, -1)[:, :vocab] == 0, float("-inf"))
+
+
 # ---------------------------------------------------------------------------------------------- stops
 
 
@@ -163,7 +183,8 @@ class StopChecker:
     Stateless: `check` is given the completion's token ids so far and must be
     called after every token (a stop string is looked for only in the text of
     the last few tokens).  Checked in order: EOS (unless ignore_eos),
-    stop_token_ids, stop strings, max_tokens.  The token that triggered a stop
+    stop_token_ids, stop strings, the end of the request's grammar (structured
+    output: nothing may follow, reason "stop"), max_tokens.  The token that triggered a stop
     stays in the token ids, as HF `generate` keeps EOS; its text is dropped only
     where it is a special token.
     """
@@ -172,8 +193,11 @@ class StopChecker:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
 
-    def check(self, token_ids: Sequence[int], params: SamplingParams) -> StopDecision:
-        """The decision after `token_ids[-1]` (the completion's tokens, prompt excluded)."""
+    def check(self, token_ids: Sequence[int], params: SamplingParams, grammar_ended: bool = False) -> StopDecision:
+        """The decision after `token_ids[-1]` (the completion's tokens, prompt excluded).
+
+        grammar_ended: the request's constraint is complete with this token (structured.py).
+        """
         last = token_ids[-1]
         if last in self.eos_token_ids and not params.ignore_eos:
             return StopDecision(True, "stop", self.decode(token_ids), last)
@@ -183,6 +207,8 @@ class StopChecker:
             decision = self._check_stop_strings(token_ids, params.stop)
             if decision.finished:
                 return decision
+        if grammar_ended:
+            return StopDecision(True, "stop", self.decode(token_ids))
         if len(token_ids) >= params.max_tokens:
             return StopDecision(True, "length", self.decode(token_ids))
         return RUNNING

@@ -1,0 +1,168 @@
+"""Grammar-constrained decoding: a token mask per constrained request, applied before sampling.
+
+The grammar library is llguidance 1.9, chosen over xgrammar 0.2.8 by measurement (2 CPU
+cores, Llama 3's 128256-token vocabulary, a five-field JSON schema, random allowed tokens):
+a step's masks for 32 requests took 5.8 ms (median; p95 12.7) against 13.8 ms (p95 39.8), for
+128 requests 18 ms against 46 ms; a new grammar costs 3 ms against 1.5 s of vocabulary
+preprocessing (per distinct schema or choice list); and its wheel needs nothing else (xgrammar
+brings pydantic and apache-tvm-ffi).  Its tokenizer takes longer to build (1.8 s against 0.6 s),
+once per engine.  On the 259-token byte tokenizer both are well under a millisecond.  Per engine, a `GrammarCompiler` holds the tokenizer as llguidance sees it (built on
+first use, about 2 s for a 128k vocabulary, never for an engine without constraints), one
+compiled matcher per distinct grammar that each request copies (~15 us), and a thread pool
+that computes masks.  Per `generate` call, `GrammarMatchers` keeps one matcher per
+constrained request, keyed by request id:
+
+    matchers = compiler.start({request_id: params})   # None when no request is constrained
+    each step, for the rows it samples:
+        mask = matchers.fill_mask(ids)                # host int32 [R, ceil(V/32)] (pinned on CUDA), or None
+        logits = apply_token_mask(logits, mask.to(device, non_blocking=True))    # sampler.py
+        tokens = sample(logits, ...)
+        ended = matchers.accept(ids, tokens)          # ids whose grammar is complete
+
+The mask for a request's next token depends only on the tokens it has accepted, so with the
+host one step ahead of the GPU the order is: launch forward(n+1), accept step n's tokens, fill
+step n+1's masks while forward(n+1) runs, copy them over, then launch the masked sampling.
+Nothing here waits on the device.
+
+Bit j of word w of a row allows token 32 * w + j (llguidance's and xgrammar's layout).
+Unconstrained rows of a mixed step are all ones.  Ids past the tokenizer's vocabulary (a
+padded embedding) are never allowed.  A grammar ends in one of two ways: nothing can follow
+(`accept` reports the request at once; its last token is the grammar's, no EOS), or it may
+end and EOS is allowed (EOS ends the request through `StopChecker`, as any EOS does).  A
+matcher that has ended allows only EOS: a token sampled after the end is the caller's to
+discard.  Prefix sharing is untouched: masks apply to generated tokens only.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import constraints
+from .config import SamplingParams
+
+
+class GrammarCompiler:
+    """One engine's grammar state: the llguidance tokenizer, compiled grammars, the mask thread pool."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int],
+                 device: torch.device | str = "cpu"):
+        self.hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.pin_memory = torch.device(device).type == "cuda"
+        self._tokenizer: Any = None
+        self._executor: Any = None
+        self._templates: dict[str, Any] = {}
+
+    def start(self, params: Mapping[int, SamplingParams]) -> "GrammarMatchers | None":
+        """Matchers for the constrained requests among `params` (request id -> params); None if there are none.
+
+        Raises ValueError when a grammar cannot be built for this tokenizer (before anything runs).
+        """
+        grammars = {rid: constraints.grammar_of(*p.constraint) for rid, p in params.items() if p.constraint}
+        if not grammars:
+            return None
+        templates = {g: self._template(g) for g in set(grammars.values())}
+        return GrammarMatchers({rid: templates[g] for rid, g in grammars.items()}, self)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = _llguidance_tokenizer(self.hf_tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._tokenizer
+
+    @property
+    def executor(self) -> Any:
+        if self._executor is None:
+            import llguidance
+            self._executor = llguidance.LLExecutor()
+        return self._executor
+
+    def _template(self, grammar: str) -> Any:
+        if grammar not in self._templates:
+            import llguidance
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+            if matcher.is_error():
+                raise ValueError(f"constraint: the grammar does not build for this tokenizer: {matcher.get_error()}")
+            self._templates[grammar] = matcher
+        return self._templates[grammar]
+
+
+def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
+    from transformers import PreTrainedTokenizerFast
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ValueError(f"constraint: structured output needs a fast (Rust) Hugging Face tokenizer, "
+                         f"got {type(tokenizer).__name__}")
+    import llguidance.hf
+    eos = eos_token_ids or [tokenizer.eos_token_id]
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+
+
+class GrammarMatchers:
+    """The grammar state of one `generate` call: a matcher per constrained request, made on first use.
+
+    For each request, `accept` of its token n must come before `fill_mask` for its token n + 1.
+    """
+
+    def __init__(self, templates: dict[int, Any], compiler: GrammarCompiler):
+        self._templates = templates
+        self._matchers: dict[int, Any] = {}
+        self._released: set[int] = set()  # finished: a row of theirs still in flight is unconstrained (discarded)
+        self._compiler = compiler
+        self._buffers: list[torch.Tensor] = []
+        self._next_buffer = 0
+        self.words = (compiler.vocab_size + 31) // 32
+
+    def constrained(self, request_id: int) -> bool:
+        return request_id in self._templates and request_id not in self._released
+
+    def fill_mask(self, request_ids: Sequence[int]) -> torch.Tensor | None:
+        """The allowed tokens of each row's next token: host int32 [R, ceil(V/32)]; None if no row is constrained.
+
+        The tensor is one of two buffers used in turn: copy it to the device before the call after next.
+        """
+        rows = [(self._matcher(rid), row) for row, rid in enumerate(request_ids) if self.constrained(rid)]
+        if not rows:
+            return None
+        mask = self._buffer(len(request_ids))
+        if len(rows) < len(request_ids):
+            mask.fill_(-1)
+        # llguidance.torch.fill_next_token_bitmask_par without its module, which imports torch.compile
+        self._compiler.executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), self.words * 4, mask.shape[0])
+        return mask
+
+    def accept(self, request_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
+        """Advance each constrained request's grammar by its token; the ids whose grammar has ended.
+
+        A token the grammar refuses (one sampled without its mask) ends the grammar too.
+        """
+        ended = []
+        for rid, token in zip(request_ids, tokens):
+            if self.constrained(rid):
+                matcher = self._matcher(rid)
+                if not matcher.consume_token(int(token)) or matcher.is_stopped():
+                    ended.append(rid)
+        return ended
+
+    def release(self, request_ids: Sequence[int]) -> None:
+        """Drop the matchers of finished requests (their memory; a later call would start them over)."""
+        for rid in request_ids:
+            self._matchers.pop(rid, None)
+            self._released.add(rid)
+
+    def _matcher(self, request_id: int) -> Any:
+        matcher = self._matchers.get(request_id)
+        if matcher is None:
+            matcher = self._matchers[request_id] = self._templates[request_id].deep_copy()
+        return matcher
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        if len(self._buffers) < 2 or self._buffers[0].shape[0] < rows:
+            size = max(rows, 2 * self._buffers[0].shape[0] if self._buffers else 64)
+            self._buffers = [torch.empty((size, self.words), dtype=torch.int32, pin_memory=self._compiler.pin_memory)
+                             for _ in range(2)]
+        buffer = self._buffers[self._next_buffer]
+        self._next_buffer ^= 1
+        return buffer[:rows]
