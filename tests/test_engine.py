@@ -236,3 +236,23 @@ def test_greedy_matches_transformers_on_gpu(arch, dtype, tmp_path):
         assert not mismatches
     else:
         assert all(tie for _, tie, _, _ in mismatches), "every bf16 mismatch is a near-tie"
+
+
+def test_a_cuda_out_of_memory_step_is_retried_with_a_smaller_token_budget(tiny_llama_dir, monkeypatch):
+    """An out-of-memory error while a step is launched commits nothing: the budget halves, the work is
+    scheduled again in smaller steps, the tokens are those of an undisturbed run, and the retries are counted."""
+    prompts, max_tokens = _system_document_question(seed=3, n=16)
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+    want = [o.token_ids for o in Engine(tiny_llama_dir, dtype="float32", device="cpu").generate(prompts, params)]
+    engine = Engine(tiny_llama_dir, dtype="float32", device="cpu", max_num_batched_tokens=512)
+    real_forward, refused = engine.runner.forward, []
+
+    def forward(inputs, previous):
+        if inputs.num_tokens > 128:  # as if a step this large did not fit in device memory
+            refused.append(inputs.num_tokens)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(inputs, previous)
+    monkeypatch.setattr(engine.runner, "forward", forward)
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert refused and engine.last_stats.oom_retries == len(refused) >= 2  # 512 -> 256 -> 128
