@@ -14,11 +14,15 @@ shared prefix of 512, 2048 or 8192 tokens, each with its own suffix of 128 or
                device-to-device copy bandwidth measured in the same run.
 
 Prints a markdown table and writes bench_attention.json under --out (default $OUT).
-Usage: python benchmarks/bench_attention.py [--out DIR] [--quick]
+Usage: python benchmarks/bench_attention.py [--out DIR] [--quick | --tune | --prefill]
+
+--prefill: mixed steps with prefill chunks (the split launch's big-tile configs, the old one-launch
+plan, and FlashAttention through torch SDPA on the same prefill work).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -141,18 +145,117 @@ def tune(bandwidth: float, out_dir: str) -> None:
     set_variant("base")
 
 
+# ---------------------------------------------------------------------------------------------- prefill
+
+PREFILL_SHAPES = {  # name: (prefill chunks, chunk tokens, shared prefix tokens, decode rows)
+    "instructions": (16, 160, 2048, 256),  # shared-instructions: questions over one 2048-token prefix
+    "document": (2, 2048, 512, 64),        # doc-qa: documents prefilled after a 512-token system prompt
+    "unshared": (8, 512, 0, 128),          # no-sharing: causal self-attention only
+}
+PREFILL_CONFIGS = [(64, 8, 3), (64, 8, 2), (64, 4, 3), (128, 8, 3), (128, 8, 2), (32, 4, 3)]
+
+
+def make_mixed_step(chunks: int, chunk: int, prefix: int, decodes: int, hq: int, hkv: int, d: int):
+    """A mixed step as the engine builds it: prefill chunks (each causal over its own pages) below one shared
+    prefix (one item for all of their rows and the decode rows), and decode rows with their own suffixes."""
+    rows = decodes + chunks * chunk
+    pp, cp, sp = -(-prefix // PAGE), -(-chunk // PAGE), 8  # decode suffixes of 128 tokens
+    num_pages = pp + chunks * cp + decodes * sp + 1
+    perm = torch.randperm(num_pages, device="cuda").int().tolist()
+    prefix_pages, rest = perm[:pp], perm[pp:]
+    chunk_pages = [rest[i * cp:(i + 1) * cp] for i in range(chunks)]
+    dec_pages = [rest[chunks * cp + i * sp: chunks * cp + (i + 1) * sp] for i in range(decodes)]
+    q_start, q_len, kv_len, causal, pages = [], [], [], [], []
+    for i in range(decodes):
+        q_start.append(i), q_len.append(1), kv_len.append(8 * PAGE), causal.append(1), pages.append(dec_pages[i])
+    for c in range(chunks):
+        q_start.append(decodes + c * chunk), q_len.append(chunk), kv_len.append(chunk), causal.append(1)
+        pages.append(chunk_pages[c])
+    if prefix:
+        q_start.append(0), q_len.append(rows), kv_len.append(prefix), causal.append(0), pages.append(prefix_pages)
+    work = AttentionWork.from_lists(q_start, q_len, kv_len, causal, pages, device="cuda")
+    k = torch.randn(num_pages, PAGE, hkv, d, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    q = torch.randn(rows, hq, d, device="cuda", dtype=DTYPE)
+    flops = 4 * hq * d * (rows * prefix + chunks * chunk * (chunk + 1) / 2 + decodes * 8 * PAGE)
+    return q, k, v, work, flops
+
+
+def sdpa_same_shapes(chunks: int, chunk: int, prefix: int, decodes: int, hq: int, hkv: int, d: int):
+    """FlashAttention (torch SDPA) on the same prefill work, contiguous: the chunks' rows against the prefix
+    (full), and each chunk causally against itself.  Decodes are left out (they are not prefill)."""
+    qp = torch.randn(1, hq, chunks * chunk, d, device="cuda", dtype=DTYPE)
+    kp = torch.randn(1, hkv, max(prefix, 1), d, device="cuda", dtype=DTYPE)
+    qc = torch.randn(chunks, hq, chunk, d, device="cuda", dtype=DTYPE)
+    kc = torch.randn(chunks, hkv, chunk, d, device="cuda", dtype=DTYPE)
+
+    def run():
+        if prefix:
+            F.scaled_dot_product_attention(qp, kp, kp, enable_gqa=True)
+        F.scaled_dot_product_attention(qc, kc, kc, is_causal=True, enable_gqa=True)
+    return run, 4 * hq * d * (chunks * chunk * prefix + chunks * chunk * (chunk + 1) / 2)
+
+
+def bench_prefill(out_dir: str) -> None:
+    """Each big-tile config of the split launch, and the old one-launch mixed plan, on mixed steps at llama-8b
+    (head_dim 128) and llama-1b (64) head shapes, against FlashAttention (SDPA) on the same prefill work."""
+    results = []
+    for hq, hkv, d in ((32, 8, 128), (32, 8, 64)):
+        for name, shape in PREFILL_SHAPES.items():
+            q, k, v, work, flops = make_mixed_step(*shape, hq, hkv, d)
+            ref = paged_attention_reference(q.float(), k.float(), v.float(), work, d ** -0.5) \
+                if shape[0] * shape[1] <= 2600 else None
+            out = torch.empty_like(q)
+            row = {"head_dim": d, "shape": name, "gflop": flops / 1e9}
+            for bn, warps, stages in PREFILL_CONFIGS:
+                prefix_attention.BIG_TILE_CONFIGS[d] = prefix_attention.BigTileConfig(bn, warps, stages)
+                _plan_for.__globals__["_plan_cache"].clear()
+                fused_paged_attention(q, k, v, work, d ** -0.5, out=out)
+                if ref is not None:
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    assert err < 2e-2, (name, bn, warps, stages, err)
+                ms = do_bench(lambda q=q, k=k, v=v, w=work: fused_paged_attention(q, k, v, w, d ** -0.5, out=out),
+                              return_mode="median")
+                row[f"split_n{bn}_w{warps}_s{stages}"] = ms
+            prefix_attention.BIG_TILE_CONFIGS.pop(d, None)
+            # the one-launch mixed plan (64-row big tiles, as a CUDA graph runs it), attached to a copy of the work
+            mixed = dataclasses.replace(work)
+            host = prefix_attention.host_plan(work, q.shape[0], hq, hkv, q.device, split=False)
+            to_dev = {n: torch.from_numpy(a).cuda() for n, a in attention_plan.host_plan_arrays(host).items()}
+            prefix_attention.attach_plan(mixed, attention_plan.device_plan_from_arrays(host, to_dev))
+            row["mixed_64"] = do_bench(lambda q=q, k=k, v=v, w=mixed: fused_paged_attention(q, k, v, w, d ** -0.5,
+                                                                                              out=out),
+                                       return_mode="median")
+            run, sdpa_flops = sdpa_same_shapes(*shape, hq, hkv, d)
+            row["sdpa_prefill_ms"] = do_bench(run, return_mode="median")
+            row["sdpa_tflops"] = sdpa_flops / row["sdpa_prefill_ms"] / 1e9
+            best = min((k2 for k2 in row if k2.startswith("split")), key=lambda k2: row[k2])
+            row["best"], row["best_tflops"] = best, flops / row[best] / 1e9
+            results.append(row)
+            print(f"d{d} {name}: " + ", ".join(f"{k2} {row[k2]:.3f}" for k2 in row if k2.endswith(("_s2", "_s3", "64"))
+                                              or k2 == "sdpa_prefill_ms") +
+                  f"; best {best} {row['best_tflops']:.0f} TFLOP/s, SDPA {row['sdpa_tflops']:.0f} TFLOP/s", flush=True)
+            del q, k, v, work
+            torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "bench_prefill_attention.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="a few batches only")
     parser.add_argument("--tune", action="store_true", help="compare the tuning variants, then stop")
     parser.add_argument("--variant", default="base", choices=sorted(VARIANTS))
+    parser.add_argument("--prefill", action="store_true", help="mixed prefill steps: big-tile configs vs SDPA")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
     print(f"device {props.name}, {props.multi_processor_count} SMs; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     if args.tune:
         return tune(bandwidth, args.out)
+    if args.prefill:
+        return bench_prefill(args.out)
     set_variant(args.variant)
     shapes = [(g, p, s) for g in (1, 8, 32, 128) for p in (512, 2048, 8192) for s in (128, 512)]
     if args.quick:

@@ -135,7 +135,7 @@ def test_decode_one_big_group_split_k(big_m, monkeypatch):
     """One group bigger than a tile (several query blocks) over a prefix split across programs."""
     batch = Batch({0: 700}, [Request([0], 1, random.randint(1, 20)) for _ in range(37)])
     monkeypatch.setattr(prefix_attention, "_num_sms", lambda device: 64)  # many SMs: split the prefix
-    monkeypatch.setattr(ap, "BIG_M_MAX", big_m)
+    monkeypatch.setattr(ap, "SPLIT_BIG_M", big_m)  # the big tile of split launches
     work = run_case(batch, monkeypatch=monkeypatch)
     plan = prefix_attention._plan_for(work, torch.empty(37, 8, 64, device=DEVICE), 2)
     assert plan.split_len < 700 and plan.num_merge_rows == 37 and plan.big_m == big_m

@@ -33,6 +33,6 @@ def save_random_checkpoint(path: Path, shape: str = "llama-1b", device: str = "c
     return path
 
 
-def save_tiny_checkpoint(path: Path, vocab: int) -> Path:
+def save_tiny_checkpoint(path: Path, vocab: int, **overrides) -> Path:
     from batchllm_dask.engine.default_model import build_tiny_checkpoint
-    return build_tiny_checkpoint(path, arch="llama", vocab_size=vocab)
+    return build_tiny_checkpoint(path, arch="llama", vocab_size=vocab, **overrides)

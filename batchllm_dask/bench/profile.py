@@ -58,7 +58,7 @@ def busy_union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def _trace_events(prof: Any) -> list[dict]:
+def _trace_events(prof: Any) -> tuple[list[dict], str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -67,9 +67,19 @@ def _trace_events(prof: Any) -> list[dict]:
     return json.loads(raw)["traceEvents"], raw
 
 
+def _is_kernel(event: dict) -> bool:
+    return event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kernel_intervals(prof: Any) -> list[tuple[float, float]]:
+    """[start, end) in microseconds of every kernel and device copy a finished profiler saw."""
+    events, _ = _trace_events(prof)
+    return [(e["ts"], e["ts"] + e["dur"]) for e in events if _is_kernel(e)]
+
+
 def summarize_trace(events: list[dict], wall_us: float) -> dict[str, Any]:
     """Busy share, kernel time per class and per kernel, host time per engine phase, from trace events."""
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    kernels = [e for e in events if _is_kernel(e)]
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
     by_class: dict[str, float] = defaultdict(float)
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -105,11 +115,15 @@ def profile_generate(engine: Any, prompts: list, params: Any, out_dir: str | os.
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(cuda)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        engine.generate(prompts, params)
-        _sync(cuda)
-        wall = time.perf_counter() - start
+    engine.annotate_steps = True  # the loop marks its phases (engine.schedule, .launch, .wait, .resolve)
+    try:
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            engine.generate(prompts, params)
+            _sync(cuda)
+            wall = time.perf_counter() - start
+    finally:
+        engine.annotate_steps = False
     events, raw = _trace_events(prof)
     report = {"name": name, "steps": engine.last_stats.steps, **summarize_trace(events, wall * 1e6)}
     out = Path(out_dir)

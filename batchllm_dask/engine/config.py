@@ -120,7 +120,8 @@ class EngineConfig:
         free memory is not a meaningful bound (default 256 MiB there).
     page_size: tokens per KV page.
     max_num_batched_tokens: the token budget of one forward pass (decodes plus
-        prefill chunks); a few thousand saturates an H100.
+        prefill chunks); None (the default) lets the engine choose it from the
+        model's size (Engine._token_budget: 4096 for 8B, 8192 for 1B on CUDA).
     max_num_seqs: a safety cap on running requests; memory is the real bound.
     prefix_sharing: build the global prefix tree and compute shared prefixes once.
     min_shared_tokens: a prefix is shared only if (fan-out - 1) * length, the
@@ -128,6 +129,9 @@ class EngineConfig:
     cuda_graphs: replay CUDA graphs for decode-only steps (CUDA with the Triton
         attention only; elsewhere ignored), which removes most of a decode step's
         launch overhead (measured on an H100: long-output 6.13 s -> 2.54 s).
+    decode_first: inside each prefix group, start the requests with the most
+        decode per prompt token first (BatchLLM's decode-first reordering); False
+        keeps the input order (an ablation in the benchmark).
     decode_reserve: the share of a running request's remaining max_tokens whose KV
         pages admission keeps free for it.  1.0 (the default) admits a request
         only when it can finish without taking another's pages, so a small pool
@@ -141,7 +145,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.85
     kv_cache_bytes: int | None = None
     page_size: int = 16
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 512
     prefix_sharing: bool = True
     min_shared_tokens: int = 32
@@ -149,6 +153,7 @@ class EngineConfig:
     progress: bool = False
     seed: int = 0
     cuda_graphs: bool = True
+    decode_first: bool = True
     decode_reserve: float = 1.0
 
     def __post_init__(self) -> None:
@@ -161,8 +166,9 @@ class EngineConfig:
                "kv_cache_bytes", f"must be a positive integer or None, got {self.kv_cache_bytes!r}")
         _check(_is_int(self.page_size) and self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0,
                "page_size", f"must be a power of two, got {self.page_size!r}")
-        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 16,
-               "max_num_batched_tokens", f"must be an integer >= 16, got {self.max_num_batched_tokens!r}")
+        _check(self.max_num_batched_tokens is None or
+               (_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 16),
+               "max_num_batched_tokens", f"must be an integer >= 16 or None, got {self.max_num_batched_tokens!r}")
         _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs",
                f"must be an integer >= 1, got {self.max_num_seqs!r}")
         _check(isinstance(self.prefix_sharing, bool), "prefix_sharing", "must be a bool")
@@ -171,5 +177,6 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                f"must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         _check(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
+        _check(isinstance(self.decode_first, bool), "decode_first", f"must be a bool, got {self.decode_first!r}")
         _check(_is_number(self.decode_reserve) and 0 <= self.decode_reserve <= 1, "decode_reserve",
                f"must be a number in [0, 1], got {self.decode_reserve!r}")

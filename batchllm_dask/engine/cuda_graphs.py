@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..kernels import AttentionWork, triton_supported
-from ..kernels.prefix_attention import bind_plan, fixed_plan_layout, host_plan, supported_head_dim
+from ..kernels.attention_plan import PROGRAMS_PER_SM, tile_sizes
+from ..kernels.prefix_attention import _num_sms, bind_plan, fixed_plan_layout, host_plan, supported_head_dim
 from .batch import ForwardBatch
 from .model import CausalLM
 from .step_inputs import StepInputs
@@ -104,6 +105,15 @@ class _Graph:
     tiles: int  # capacities it was captured with
     parts: int
     work: AttentionWork  # the stand-in work list its plan is bound to (the binding lives as long as it)
+
+
+@dataclass(frozen=True)
+class _Capacity:
+    """What `_graph_for` reads of a plan, for a capture ahead of any step."""
+
+    variant: tuple[int, int, bool]
+    num_tiles: int
+    num_parts: int
 
 
 class DecodeGraphs:
@@ -185,6 +195,17 @@ class DecodeGraphs:
         self.static[:used].copy_(self.hosts[turn][:used], non_blocking=True)
         if self._copied[turn] is not None:
             self._copied[turn].record()
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now, as an engine starts (vLLM does the same), with the tile and
+        partial capacities a decode step of that size usually needs: no generate call pays for captures
+        (on the H100 they cost the first call of a shared-instructions run about a second).  A step that
+        needs more still grows its graph later."""
+        group = self.num_heads // self.num_kv_heads
+        small_m, big_m = tile_sizes(group, 1)
+        spread = 2 * PROGRAMS_PER_SM * _num_sms(self.device) // self.num_kv_heads  # split-K's prefix tiles
+        for size in self.sizes:
+            self._graph_for(size, _Capacity((small_m, big_m, False), size + spread, 2 * (size + spread)))
 
     def _graph_for(self, size: int, plan: HostPlan) -> _Graph:
         """The graph of this bucket and tile classes, captured (again, larger) when the plan needs more."""

@@ -19,12 +19,14 @@ in smaller steps (counted in `GenerationStats.oom_retries`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .config import EngineConfig, SamplingParams
@@ -63,11 +65,15 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.max_model_len = max_model_len(self.args)
         self.num_kv_pages = self._kv_pages()
+        self.max_num_batched_tokens = self._token_budget()
         self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_token_ids, self.device)
         self.last_stats: GenerationStats | None = None
+        self.annotate_steps = False  # mark the loop's phases for torch.profiler (bench/profile.py sets it)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -88,11 +94,11 @@ class Engine:
         show = self.config.progress if progress is None else progress
         with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
             bar.update(len(prompts) - len(valid))
-            scheduler, steps, tokens, oom_retries = self._run(requests, bar, matchers)
+            scheduler, count = self._run(requests, bar, matchers)
         for seq in requests:
             completions[seq.index] = self._completion(seq, prepared[seq.index])
-        self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, steps, tokens,
-                                      oom_retries, time.perf_counter() - start)
+        self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, count,
+                                      time.perf_counter() - start)
         return completions
 
     # -- planning --------------------------------------------------------------------------
@@ -101,6 +107,23 @@ class Engine:
         if prompt.error is None and need > self.num_kv_pages:
             return PreparedPrompt(prompt.token_ids, kv_shortage_message(need, self.num_kv_pages, self._page_bytes()))
         return prompt
+
+    def _token_budget(self) -> int:
+        """Tokens per forward pass: the config's, else chosen from the model's size.
+
+        On CUDA a step should carry about 2e13 FLOPs (some 25 ms at 800 TFLOP/s), enough for the host's
+        per-step work and the eager launches of a mixed step to hide behind it and for cuBLAS to run near
+        its peak: 4096 tokens for an 8B model, 8192 for a 1B one, at most 16384.  Elsewhere 4096.
+        """
+        if self.config.max_num_batched_tokens is not None:
+            return self.config.max_num_batched_tokens
+        if self.device.type != "cuda":
+            return 4096
+        a = self.args
+        linear = a.num_layers * (a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+                                 + a.num_heads * a.head_dim * a.hidden_size + 3 * a.hidden_size * a.intermediate_size)
+        tokens = int(2e13 // (2 * linear))
+        return min(16384, max(4096, 1 << (tokens.bit_length() - 1)))
 
     def _page_bytes(self) -> int:
         a = self.args
@@ -115,7 +138,9 @@ class Engine:
     def _make_requests(self, plan: PrefixPlan, valid: list[int], prepared: list[PreparedPrompt],
                        params: list[SamplingParams]) -> list[RequestSeq]:
         """Sequences in run order: shared prefixes first (as parents), then the requests."""
-        order = order_requests(plan, [params[i].max_tokens / max(1, len(prepared[i].token_ids)) for i in valid])
+        ratio = [params[i].max_tokens / max(1, len(prepared[i].token_ids)) if self.config.decode_first else 0.0
+                 for i in valid]
+        order = order_requests(plan, ratio)
         rank = {k: r for r, k in enumerate(order)}
         prefixes: list[PrefixSeq] = []
         for p in plan.prefixes:
@@ -142,16 +167,17 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self, requests: list[RequestSeq], bar: tqdm,
-             matchers: GrammarMatchers | None = None) -> tuple[Scheduler, int, int, int]:
+             matchers: GrammarMatchers | None = None) -> tuple[Scheduler, _LoopCounters]:
         """Run every request to the end: launch step n+1, then retire what step n's tokens finished.
 
         Structured output (matchers): a constrained row's mask for step n+1 needs step n's token, so a step
         with such rows is sampled only after step n's tokens are in, while its forward pass runs.
         """
         scheduler = Scheduler(requests, PageAllocator(self.num_kv_pages), self.config.page_size,
-                              self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                              self.max_num_batched_tokens, self.config.max_num_seqs,
                               self.config.decode_reserve, page_bytes=self._page_bytes())
-        steps = batched_tokens = oom_retries = 0
+        count = _LoopCounters()
+        phase = record_function if self.annotate_steps else _no_phase
         in_flight: _InFlight | None = None
 
         def finish(seq: RequestSeq) -> None:
@@ -163,25 +189,31 @@ class Engine:
         while True:
             launched, retried = None, False
             if not scheduler.done:
-                batch = scheduler.schedule()
+                with phase("engine.schedule"):
+                    batch = scheduler.schedule()
                 bar.update(len(batch.failed))
                 if batch.num_tokens:
-                    launched = self._launch(scheduler, batch, in_flight, matchers)
+                    with phase("engine.launch"):
+                        launched = self._launch(scheduler, batch, in_flight, matchers)
                     retried = launched is None
-                    oom_retries += retried
-                    steps += not retried
-                    batched_tokens += 0 if retried else batch.num_tokens
+                    count.step(batch.num_tokens, retried)
             if in_flight is not None:
-                resolve(in_flight.sampled, in_flight.tokens.wait(), self.stop_checker, finish, matchers)
+                with phase("engine.wait"):
+                    waited = time.perf_counter()
+                    values = in_flight.tokens.wait()
+                    count.wait_seconds += time.perf_counter() - waited
+                with phase("engine.resolve"):
+                    resolve(in_flight.sampled, values, self.stop_checker, finish, matchers)
             elif launched is None and not retried:
                 if scheduler.done:
                     break
                 raise RuntimeError("scheduler made no progress: this is a bug, please report it")
             if launched is not None and launched.tokens is None:  # constrained rows: masks from the tokens just in
-                mask = matchers.fill_mask([seq.index for seq in launched.sampled.seqs])
-                launched.tokens = self.runner.sample(launched.logits, mask)
+                with phase("engine.grammar"):
+                    mask = matchers.fill_mask([seq.index for seq in launched.sampled.seqs])
+                    launched.tokens = self.runner.sample(launched.logits, mask)
             in_flight = launched
-        return scheduler, steps, batched_tokens, oom_retries
+        return scheduler, count
 
     def _launch(self, scheduler: Scheduler, batch: StepBatch, in_flight: _InFlight | None,
                 matchers: GrammarMatchers | None) -> _InFlight | None:
@@ -218,18 +250,17 @@ class Engine:
                           len(prompt.token_ids), len(output), cached_tokens=seq.num_cached)
 
     def _stats(self, completions: list[Completion], plan: PrefixPlan, valid: list[PreparedPrompt],
-               scheduler: Scheduler, steps: int, batched_tokens: int, oom_retries: int,
-               seconds: float) -> GenerationStats:
+               scheduler: Scheduler, count: _LoopCounters, seconds: float) -> GenerationStats:
         prompt_lens = [len(p.token_ids) for p in valid]
         return GenerationStats(
             requests=len(completions), failed_requests=sum(c.finish_reason == "error" for c in completions),
             prompt_tokens=sum(prompt_lens),
             computed_prompt_tokens=plan.computed_prompt_tokens(prompt_lens) + scheduler.recomputed_tokens,
             output_tokens=sum(c.completion_tokens for c in completions), shared_prefixes=len(plan.prefixes),
-            steps=steps, mean_tokens_per_step=batched_tokens / steps if steps else 0.0,
+            steps=count.steps, mean_tokens_per_step=count.batched_tokens / count.steps if count.steps else 0.0,
             peak_kv_pages=scheduler.allocator.peak_used, kv_pages=self.num_kv_pages,
             preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.recomputed_tokens,
-            oom_retries=oom_retries, seconds=seconds)
+            oom_retries=count.oom_retries, wait_seconds=count.wait_seconds, seconds=seconds)
 
     def _kv_pages(self) -> int:
         per_page = self._page_bytes()
@@ -241,6 +272,23 @@ class Engine:
         if pages < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV page of {per_page} bytes")
         return pages
+
+
+@dataclass
+class _LoopCounters:
+    steps: int = 0
+    batched_tokens: int = 0
+    oom_retries: int = 0
+    wait_seconds: float = 0.0  # the host blocked on the device's tokens (the rest of the loop is host work)
+
+    def step(self, num_tokens: int, retried: bool) -> None:
+        self.oom_retries += retried
+        self.steps += not retried
+        self.batched_tokens += 0 if retried else num_tokens
+
+
+def _no_phase(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
 
 
 @dataclass

@@ -51,6 +51,12 @@ class GenerationStats:
     recomputed_tokens: int
     seconds: float
     oom_retries: int = 0  # steps launched again with half the token budget after a CUDA out-of-memory error
+    wait_seconds: float = 0.0  # the host blocked on the device; the rest of `seconds` is host work
+
+    @property
+    def host_seconds(self) -> float:
+        """Host time not spent waiting on the device (scheduling, inputs, launches, stop checks)."""
+        return self.seconds - self.wait_seconds
 
     @property
     def output_tokens_per_second(self) -> float:

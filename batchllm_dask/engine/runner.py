@@ -80,7 +80,7 @@ class ModelRunner:
         previous: the last step's tokens, where some of this step's input ids are still on the device.
         """
         graphed = self.graphs is not None and inputs.decode_only
-        plan = None if graphed or not self.triton_plans else self._host_plan(inputs.work, inputs.num_tokens)
+        plan = None if graphed or not self.triton_plans else self._host_plan(inputs)
         dev = self.stager.stage(_arrays(inputs, plan, graphed))
         feed = (dev["feed_rows"], dev["feed_src"], previous.device) if len(inputs.feed_rows) else None
         logits = self.graphs.run(inputs, feed) if graphed else None
@@ -101,7 +101,7 @@ class ModelRunner:
 
     def _eager(self, inputs: StepInputs, dev: dict, plan, feed) -> torch.Tensor:
         if "input_ids" not in dev:  # a decode-only step that the graphs could not take: stage the rest now
-            plan = self._host_plan(inputs.work, inputs.num_tokens) if self.triton_plans else None
+            plan = self._host_plan(inputs) if self.triton_plans else None
             dev = {**dev, **self.stager.stage(_arrays(inputs, plan, graphed=False, only_forward=True))}
         input_ids = dev["input_ids"]
         if feed is not None:
@@ -116,10 +116,11 @@ class ModelRunner:
         hidden = self.model(batch, self.k_cache, self.v_cache, self.attention_backend)
         return self.model.compute_logits(hidden)
 
-    def _host_plan(self, work: HostWork, num_rows: int):
+    def _host_plan(self, inputs: StepInputs):
+        """The attention plan of an eager step: split launches (128-row big tiles apart, prefix_attention.py)."""
         from ..kernels.prefix_attention import host_plan
         args = self.model.args
-        return host_plan(work, num_rows, args.num_heads, args.num_kv_heads, self.device)
+        return host_plan(inputs.work, inputs.num_tokens, args.num_heads, args.num_kv_heads, self.device, split=True)
 
 
 def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False) -> dict[str, np.ndarray]:

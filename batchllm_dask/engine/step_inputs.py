@@ -6,11 +6,12 @@ plan order, so the decode rows below one shared prefix are contiguous.
 
 Attention work items (kernels/reference.py):
 
-- a decode row attends to its own segment (q_len 1), and, per shared prefix
-  above it, to that prefix: one item covers a prefix's whole run of decode
-  rows, so the kernel reads the prefix's KV once for all of them;
+- a decode row attends to its own segment (q_len 1);
 - a prefill chunk attends causally to its own segment (earlier chunks plus
-  itself) and fully to each prefix above it.
+  itself);
+- every row attends fully to each shared prefix above it: one item covers a
+  prefix's whole run of consecutive rows, decodes and prefill chunks alike,
+  so the kernel reads the prefix's KV once for all of them.
 
 A decode row whose input token is still being sampled on the device (the
 previous step's output, see engine.py) gets input id -1 here and an entry in
@@ -87,6 +88,9 @@ def build_step_inputs(batch: StepBatch, page_size: int) -> StepInputs:
     items = _Items()
     dec = _decode_rows(batch.decodes, page_size, items)
     pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in _chunk_rows(batch)]
+    segments = [(row, 1, c.seq) for row, c in enumerate(batch.decodes)]
+    segments += [(row, c.length, c.seq) for c, row in _chunk_rows(batch)]
+    _prefix_runs(segments, items)
     ids = np.concatenate([dec[0], *(p[0] for p in pre)])
     positions = np.concatenate([dec[1], *(p[1] for p in pre)])
     slots = np.concatenate([dec[2], *(p[2] for p in pre)])
@@ -147,35 +151,35 @@ def _decode_rows(decodes: list[Chunk], page_size: int, items: _Items):
     slots = pages * page_size + starts % page_size
     for row, (seq, chunk) in enumerate(zip(seqs, decodes)):
         items.add(row, 1, chunk.start + 1, 1, seq.pages)
-    _prefix_runs(seqs, items)
     return ids, positions, slots
 
 
-def _prefix_runs(seqs: list, items: _Items) -> None:
-    """One item per maximal run of consecutive decode rows below the same prefix, at every level."""
-    open_runs: dict[int, list] = {}  # id(prefix) -> [prefix, first row, last row]
-    for row, seq in enumerate(seqs):
+def _prefix_runs(segments: list, items: _Items) -> None:
+    """One item per maximal run of consecutive rows below the same prefix, at every level.
+
+    segments: (first row, rows, sequence) in row order: a decode row, or a prefill chunk.
+    """
+    open_runs: dict[int, list] = {}  # id(prefix) -> [prefix, first row, end row]
+    for row, length, seq in segments:
         for prefix in seq.ancestors():
             run = open_runs.get(id(prefix))
-            if run is not None and run[2] == row - 1:
-                run[2] = row
+            if run is not None and run[2] == row:
+                run[2] = row + length
                 continue
             if run is not None:  # not contiguous (never in plan order): close the old run
-                items.add(run[1], run[2] - run[1] + 1, len(run[0].tokens), 0, run[0].pages)
-            open_runs[id(prefix)] = [prefix, row, row]
-    for prefix, first, last in open_runs.values():
-        items.add(first, last - first + 1, len(prefix.tokens), 0, prefix.pages)
+                items.add(run[1], run[2] - run[1], len(run[0].tokens), 0, run[0].pages)
+            open_runs[id(prefix)] = [prefix, row, row + length]
+    for prefix, first, end in open_runs.values():
+        items.add(first, end - first, len(prefix.tokens), 0, prefix.pages)
 
 
 def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
-    """ids, positions, slots of one prefill chunk; its items (each prefix above, then its own causal segment)."""
+    """ids, positions, slots of one prefill chunk; the item of its own causal segment."""
     seq, start, length = chunk
     span = np.arange(start, start + length, dtype=np.int64)
     ids = np.asarray(seq.tokens[start:start + length], dtype=np.int64)
     pages = np.asarray(seq.pages, dtype=np.int64)
     slots = pages[span // page_size] * page_size + span % page_size
-    for prefix in seq.ancestors():
-        items.add(row, length, len(prefix.tokens), 0, prefix.pages)
     items.add(row, length, start + length, 1, seq.pages)
     return ids, span + seq.start, slots
 

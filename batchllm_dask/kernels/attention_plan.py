@@ -9,8 +9,14 @@ KV head:
 * Query blocking: a tile's matrix side packs `n_rows` query rows times the
   `group` query heads that share a KV head (GQA), so a prefix group's decode
   queries form one `tl.dot` operand and the prefix is read once per group.
-  Two tile classes share one launch: small tiles (`small_m` = 16 packed rows,
-  a decode suffix) and big tiles (`big_m`, a prefix group or a prefill chunk).
+  Two tile classes: small tiles (`small_m` = 16 packed rows, a decode suffix)
+  and big tiles (`big_m`, a prefix group or a prefill chunk).  A decode-only
+  plan (a CUDA graph's) keeps big tiles at 64 rows, in one launch with the
+  small ones; a plan with long query items (prefill chunks, `big_m_max` 128)
+  gets 128-row big tiles, listed first and run by a launch of their own with
+  more warps and pipeline stages (prefix_attention.py): the arithmetic of
+  prefill attention needs the big tile, the small tiles would only be slowed
+  by its registers.
 * Causal clipping: a causal tile's keys stop after its last row's last visible
   key, so prefill chunks do no work on the masked triangle's far side.
 * Split-K: a segment's keys are cut into splits of `split_len`, chosen so the
@@ -43,7 +49,8 @@ ROW0, N_ROWS, KV_START, KV_END, CAUSAL_SHIFT, PAGE_START, PART_BASE, BIG = range
 TILE_FIELDS = 8
 NO_CAUSAL = 2**30  # causal shift of a non-causal tile: every key is visible
 PROGRAMS_PER_SM = 16  # split-K target: programs of equal work per SM (short tiles keep the tail short)
-BIG_M_MAX = 64  # the largest big tile: 128 packs more rows per read of a big group's prefix
+BIG_M_MAX = 64  # the big tile of a mixed-class launch (decode-only steps, CUDA graphs)
+SPLIT_BIG_M = 128  # the big tile of a plan whose big tiles get their own launch (steps with prefill chunks)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,11 @@ class AttentionPlan:
     big_m: int
     split_len: int
     counts: torch.Tensor | None = None  # [2] int32 (tiles, merge rows) of a fixed-grid plan's step
+    num_big: int = 0  # a split plan (big_m == SPLIT_BIG_M): tiles [0, num_big) are big, the rest small
+
+    @property
+    def split(self) -> bool:
+        return self.big_m == SPLIT_BIG_M and self.counts is None
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class HostPlan:
     small_m: int
     big_m: int
     split_len: int
+    num_big: int = 0  # tiles with the BIG flag; in a split plan they come first
 
     @property
     def num_tiles(self) -> int:
@@ -101,10 +114,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def tile_sizes(group: int, max_q_len: int) -> tuple[int, int]:
-    """(small_m, big_m): packed rows of the two tile classes; each holds whole query rows."""
+def tile_sizes(group: int, max_q_len: int, big_m_max: int = BIG_M_MAX) -> tuple[int, int]:
+    """(small_m, big_m): packed rows of the two tile classes; each holds whole query rows.
+
+    big_m_max SPLIT_BIG_M: 128-row big tiles where an item has that many packed rows (a split plan)."""
     small_m = max(16, 1 << (group - 1).bit_length())
-    big_m = BIG_M_MAX if max_q_len * group >= BIG_M_MAX else 64
+    big_m = big_m_max if max_q_len * group >= big_m_max else 64
     return small_m, max(small_m, big_m)
 
 
@@ -135,12 +150,12 @@ def choose_split_len(kv_end: np.ndarray, big: np.ndarray, num_kv_heads: int, num
 
 
 def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int,
-                 block_n: int) -> HostPlan:
+                 block_n: int, big_m_max: int = BIG_M_MAX) -> HostPlan:
     """Tile the work list on the host (see the module docstring); rows >= the items' rows are uncovered."""
     src = getattr(work, "host", None) or work  # the engine's host copy: no device round trip
     host = [_host_int64(t) for t in (src.q_start, src.q_len, src.kv_len, src.causal, src.page_start)]
     q_start, q_len, kv_len, causal, page_start = (a[:work.num_items] for a in host)
-    small_m, big_m = tile_sizes(group, int(q_len.max(initial=0)))
+    small_m, big_m = tile_sizes(group, int(q_len.max(initial=0)), big_m_max)
     item, q_off, n_rows, kv_end, big = _query_blocks(q_len, kv_len, causal, small_m // group, big_m // group)
     split_len = choose_split_len(kv_end, big, num_kv_heads, num_sms, block_n)
 
@@ -156,11 +171,15 @@ def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: i
     tiles[:, CAUSAL_SHIFT] = np.where(causal[it] != 0, kv_len[it] - q_len[it] + q_off[blk], NO_CAUSAL)
     tiles[:, PAGE_START] = page_start[it]
     tiles[:, BIG] = big[blk]
-    tiles = tiles[np.argsort(-(tiles[:, KV_END] - tiles[:, KV_START]) * (1 + tiles[:, BIG]), kind="stable")]
+    work_per_tile = (tiles[:, KV_END] - tiles[:, KV_START]) * (1 + tiles[:, BIG])
+    split = big_m == SPLIT_BIG_M
+    # longest first (a greedy LPT order for the hardware scheduler); a split plan lists its big tiles first
+    order = np.lexsort((-work_per_tile, -tiles[:, BIG])) if split else np.argsort(-work_per_tile, kind="stable")
+    tiles = tiles[order]
 
     merge_rows, merge_ptr, merge_parts, num_parts = _merge_lists(tiles, num_rows)
     return HostPlan(tiles, merge_rows, merge_ptr, merge_parts, num_parts,
-                    bool(((causal != 0) & (q_len > 1)).any()), small_m, big_m, split_len)
+                    bool(((causal != 0) & (q_len > 1)).any()), small_m, big_m, split_len, int(tiles[:, BIG].sum()))
 
 
 def _host_int64(values) -> np.ndarray:
@@ -181,17 +200,18 @@ def device_plan_from_arrays(plan: HostPlan, views: dict) -> AttentionPlan:
     """The `AttentionPlan` of `plan` over device tensors that hold `host_plan_arrays(plan)` (same names)."""
     return AttentionPlan(views["plan_tiles"].view(-1, TILE_FIELDS), views["plan_merge_rows"],
                          views["plan_merge_ptr"], views["plan_merge_parts"], plan.num_tiles, plan.num_parts,
-                         plan.num_merge_rows, plan.has_causal, plan.small_m, plan.big_m, plan.split_len)
+                         plan.num_merge_rows, plan.has_causal, plan.small_m, plan.big_m, plan.split_len,
+                         num_big=plan.num_big)
 
 
 def build_plan(work: AttentionWork, num_rows: int, group: int, num_kv_heads: int, num_sms: int, block_n: int,
-               device: torch.device) -> AttentionPlan:
+               device: torch.device, big_m_max: int = BIG_M_MAX) -> AttentionPlan:
     """Tile the work list and move the plan to `device` (one host-to-device copy per array)."""
-    host = plan_on_host(work, num_rows, group, num_kv_heads, num_sms, block_n)
+    host = plan_on_host(work, num_rows, group, num_kv_heads, num_sms, block_n, big_m_max)
     to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device, non_blocking=True)  # noqa: E731
     return AttentionPlan(to_dev(host.tiles), to_dev(host.merge_rows), to_dev(host.merge_ptr),
                          to_dev(host.merge_parts), host.num_tiles, host.num_parts, host.num_merge_rows,
-                         host.has_causal, host.small_m, host.big_m, host.split_len)
+                         host.has_causal, host.small_m, host.big_m, host.split_len, num_big=host.num_big)
 
 
 def _merge_lists(tiles: np.ndarray, num_rows: int):

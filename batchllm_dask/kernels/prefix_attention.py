@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -47,6 +48,23 @@ from .reference import AttentionWork, paged_attention_reference
 _BLOCK_N = 64  # keys per step of a small tile (a decode suffix)
 _BIG_BLOCK_N = 64  # keys per step of a big tile (a prefix group, a prefill chunk)
 _NUM_STAGES = 2
+
+
+@dataclass(frozen=True)
+class BigTileConfig:
+    """Launch settings of the split plans' big-tile launch (128-row tiles: prefill chunks, big groups)."""
+
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# Per head_dim; a benchmark may try others (benchmarks/bench_attention.py --prefill).
+BIG_TILE_CONFIGS: dict[int, BigTileConfig] = {}
+
+
+def big_tile_config(head_dim: int) -> BigTileConfig:
+    return BIG_TILE_CONFIGS.get(head_dim, BigTileConfig())
 
 
 @triton.jit
@@ -125,8 +143,12 @@ def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv
                   stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                   SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """One tile of the table for one KV head: its fields, then the big or the small tile function."""
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                  TILE_CLASS: tl.constexpr):
+    """One tile of the table for one KV head: its fields, then the big or the small tile function.
+
+    TILE_CLASS 0: either, by the tile's BIG flag (a mixed launch); 1: small only; 2: big only (split launches).
+    """
     row0 = tl.load(tile + 0)
     n_rows = tl.load(tile + 1)
     kv_start = tl.load(tile + 2)
@@ -134,7 +156,10 @@ def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv
     causal_shift = tl.load(tile + 4)
     page_start = tl.load(tile + 5)
     part_base = tl.load(tile + 6)
-    big = tl.load(tile + 7)
+    if TILE_CLASS == 0:
+        big = tl.load(tile + 7)
+    else:
+        big = TILE_CLASS - 1
     if big != 0:
         _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, row0, n_rows, kv_start, kv_end,
                      causal_shift, page_start, part_base, kv_head, qk_scale,
@@ -156,7 +181,7 @@ def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                             SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_FIELDS: tl.constexpr,
-                            FIXED_GRID: tl.constexpr, INTERPRET: tl.constexpr):
+                            FIXED_GRID: tl.constexpr, INTERPRET: tl.constexpr, TILE_CLASS: tl.constexpr):
     """Grid (tiles, KV heads).  FIXED_GRID (a CUDA graph's launch): the grid is a capacity, and programs at or
     past the step's tile count (Counts[0], on the device) do nothing."""
     tile_idx = tl.program_id(0)
@@ -167,12 +192,12 @@ def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids
             _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
                           stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                           stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
-                          SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET)
+                          SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS)
     else:
         _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                       stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
-                      SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET)
+                      SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS)
 
 
 @triton.jit
@@ -237,12 +262,16 @@ _bound_plans: dict = {}  # id(work) -> (weakref to work, fixed-grid plan): see b
 
 
 def host_plan(work: AttentionWork, num_rows: int, num_heads: int, num_kv_heads: int,
-              device: torch.device) -> ap.HostPlan:
-    """The plan the launcher makes for `work` (num_rows query rows, on `device`), left on the host.
+              device: torch.device, split: bool = False) -> ap.HostPlan:
+    """The plan for `work` (num_rows query rows, on `device`), left on the host.
 
     `work` may live on the CPU: a graph's step plans from the host lists, with no device round trip.
+    split: 128-row big tiles in a launch of their own (what the launcher plans for an unbound work list);
+    else one mixed-class launch, as a CUDA graph captures it.
     """
-    return ap.plan_on_host(work, num_rows, num_heads // num_kv_heads, num_kv_heads, _num_sms(device), _BLOCK_N)
+    big_m_max = ap.SPLIT_BIG_M if split else ap.BIG_M_MAX
+    return ap.plan_on_host(work, num_rows, num_heads // num_kv_heads, num_kv_heads, _num_sms(device), _BLOCK_N,
+                           big_m_max)
 
 
 def fixed_plan_layout(max_rows: int, num_kv_heads: int, device: torch.device) -> ap.FixedPlanLayout:
@@ -284,7 +313,7 @@ def _plan_for(work: AttentionWork, q: torch.Tensor, num_kv_heads: int) -> ap.Att
     if cached is not None and cached[0]() is work and cached[1] == key:
         return cached[2]
     plan = ap.build_plan(work, q.shape[0], q.shape[1] // num_kv_heads, num_kv_heads, _num_sms(q.device),
-                         _BLOCK_N, q.device)
+                         _BLOCK_N, q.device, ap.SPLIT_BIG_M)
     _plan_cache["last"] = (weakref.ref(work), key, plan)
     return plan
 
@@ -294,35 +323,50 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _launch(q, k_cache, v_cache, work, sm_scale, out) -> torch.Tensor:
-    """Pick blocks and warps, run the tile launch and (when needed) the merge launch."""
+    """Pick blocks and warps, run the tile launch(es) and (when needed) the merge launch."""
     t, num_heads, head_dim = q.shape
-    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    num_kv_heads = k_cache.shape[2]
     plan = _plan_for(work, q, num_kv_heads)
     part_o = _empty((max(plan.num_parts, 1), num_heads, head_dim), torch.float32, q.device)
     part_lse = _empty((max(plan.num_parts, 1), num_heads), torch.float32, q.device)
-    fp32 = q.dtype == torch.float32
-    fixed_grid = plan.counts is not None
-    counts = plan.counts if fixed_grid else plan.tiles  # an unused pointer must still be a tensor
-    shrink = 2 if fp32 and head_dim > 64 else 1  # fp32 tiles take twice the registers and shared memory
-    if plan.num_tiles:
-        _paged_attention_kernel[(plan.num_tiles, num_kv_heads)](
-            q, k_cache, v_cache, out, part_o, part_lse, work.page_ids, plan.tiles, counts,
-            sm_scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            part_o.stride(0), part_o.stride(1), part_lse.stride(0),
-            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SMALL_M=plan.small_m,
-            BIG_M=plan.big_m, SMALL_N=_BLOCK_N // shrink, BIG_N=_BIG_BLOCK_N // shrink, CAUSAL=plan.has_causal,
-            DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, FIXED_GRID=fixed_grid,
-            INTERPRET=_interpreting(),
-            num_warps=8 if plan.big_m >= 128 else 4, num_stages=_NUM_STAGES)
+    counts = plan.counts if plan.counts is not None else plan.tiles  # an unused pointer must still be a tensor
+    launch = lambda tiles, n, cls, **cfg: _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o,  # noqa: E731
+                                                       part_lse, plan, tiles, counts, n, cls, **cfg)
+    if not plan.split:
+        if plan.num_tiles:
+            launch(plan.tiles, plan.num_tiles, 0)
+    else:  # big tiles first in the table, with their own launch settings; then the small ones
+        big = big_tile_config(head_dim)
+        if plan.num_big:
+            launch(plan.tiles, plan.num_big, 2, big_n=big.block_n, num_warps=big.num_warps, num_stages=big.num_stages)
+        if plan.num_tiles > plan.num_big:
+            launch(plan.tiles[plan.num_big:], plan.num_tiles - plan.num_big, 1)
     if plan.num_merge_rows:
         _merge_kernel[(plan.num_merge_rows,)](
             out, part_o, part_lse, plan.merge_rows, plan.merge_ptr, plan.merge_parts, counts,
             out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
             NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-            FIXED_GRID=fixed_grid, num_warps=4)
+            FIXED_GRID=plan.counts is not None, num_warps=4)
     return out
+
+
+def _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, plan, tiles, counts, num_tiles,
+                 tile_class, big_n=_BIG_BLOCK_N, num_warps=4, num_stages=_NUM_STAGES) -> None:
+    """One launch of the tile kernel over `num_tiles` rows of `tiles` (of one class, or mixed: tile_class 0)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    fp32 = q.dtype == torch.float32
+    shrink = 2 if fp32 and head_dim > 64 else 1  # fp32 tiles take twice the registers and shared memory
+    _paged_attention_kernel[(num_tiles, num_kv_heads)](
+        q, k_cache, v_cache, out, part_o, part_lse, work.page_ids, tiles, counts,
+        sm_scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        part_o.stride(0), part_o.stride(1), part_lse.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SMALL_M=plan.small_m,
+        BIG_M=plan.big_m, SMALL_N=_BLOCK_N // shrink, BIG_N=big_n // shrink, CAUSAL=plan.has_causal,
+        DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, FIXED_GRID=plan.counts is not None,
+        INTERPRET=_interpreting(), TILE_CLASS=tile_class, num_warps=num_warps, num_stages=num_stages)
 
 
 _warned_fallback: set = set()
