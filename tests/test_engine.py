@@ -61,9 +61,6 @@ ENGINE_VARIANTS = {
     "sharing": dict(prefix_sharing=True, min_shared_tokens=1),
     "no-sharing": dict(prefix_sharing=False),
     "chunked": dict(prefix_sharing=True, max_num_batched_tokens=48),
-    # prefill chunks (two prefix levels, chunked) through dense calls, decode rows through the paged path
-    "dense-prefill": dict(prefix_sharing=True, min_shared_tokens=1, max_num_batched_tokens=48,
-                          prefill_attention="dense"),
     # a KV pool just above the largest request (set in the test): with no decode reserve, decodes run it dry
     "preempting": dict(prefix_sharing=True, kv_cache_bytes=None, page_size=4, decode_reserve=0.0),
     # the same pool with the default full reserve: admission waits instead, nothing is recomputed

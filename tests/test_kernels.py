@@ -258,19 +258,16 @@ def test_gpu_extend_and_mixed(head_dim, group, page_size):
              entry=extend_attention)
 
 
-@pytest.mark.parametrize("prefill", ["paged", "dense"])
-def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama_dir, prefill):
+def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama_dir):
     """The engine's whole path through the Triton kernels (the interpreter here, CUDA on a GPU):
-    shared prefixes, chunked prefill and decode give the same greedy tokens as the torch reference,
-    with prefill chunks in the paged kernel or in dense calls (decode rows alone in the kernel)."""
+    shared prefixes, chunked prefill and decode give the same greedy tokens as the torch reference."""
     from batchllm_dask.engine import Engine, SamplingParams
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = [f"System: be brief.\nDoc: rivers and stones {i % 2}.\nQ{i}: what now?" for i in range(8)]
     params = SamplingParams(max_tokens=6, temperature=0.0)
     options = dict(dtype="float32", device=device, min_shared_tokens=1, max_num_batched_tokens=64)
     reference = Engine(tiny_llama_dir, attention_backend="torch", **options).generate(prompts, params)
-    fused_engine = Engine(tiny_llama_dir, attention_backend="triton", prefill_attention=prefill, **options)
-    assert fused_engine.runner.dense_prefill == (prefill == "dense")
+    fused_engine = Engine(tiny_llama_dir, attention_backend="triton", **options)
     fused = fused_engine.generate(prompts, params)
     assert fused_engine.last_stats.shared_prefixes >= 2
     assert [o.token_ids for o in fused] == [o.token_ids for o in reference]
@@ -287,13 +284,3 @@ def test_a_moved_work_list_keeps_its_host_copy_for_planning():
         "q_start", "q_len", "kv_len", "causal", "page_start", "page_ids", "num_items", "max_q_len", "max_kv_len")]),
         3, 4, 2, 132, 32)
     assert np.array_equal(from_host.tiles, from_device.tiles)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_flash_dense_prefill_matches_the_reference(head_dim):
-    """FlashAttention's varlen path (causal chunks, two prefix levels, merged by log-sum-exp) gives the
-    reference's result in bf16, so the engine's "auto" prefill takes it on this GPU."""
-    from batchllm_dask.kernels.dense_prefill import _check_flash
-    assert _check_flash(torch.device("cuda"), torch.bfloat16, 32, 8, head_dim)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import AttentionWork
-from ..kernels.dense_prefill import DensePrefill
 
 
 @dataclass(frozen=True)
@@ -15,9 +14,7 @@ class ForwardBatch:
 
     input_ids, positions, slot_mapping: [T] (int64, int64, int64); slot_mapping
     is the flat KV slot (page * page_size + offset) where each token's K and V
-    are written.  logits_rows: [R] rows whose next token is sampled.  dense: the
-    prefill rows' attention as dense calls (then `attention` covers the decode
-    rows only), or None.
+    are written.  logits_rows: [R] rows whose next token is sampled.
     """
 
     input_ids: torch.Tensor
@@ -25,4 +22,3 @@ class ForwardBatch:
     slot_mapping: torch.Tensor
     attention: AttentionWork
     logits_rows: torch.Tensor
-    dense: DensePrefill | None = None

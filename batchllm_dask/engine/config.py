@@ -129,11 +129,6 @@ class EngineConfig:
     cuda_graphs: replay CUDA graphs for decode-only steps (CUDA with the Triton
         attention only; elsewhere ignored), which removes most of a decode step's
         launch overhead (measured on an H100: long-output 6.13 s -> 2.54 s).
-    prefill_attention: how prefill chunks attend. "dense": variable-length dense
-        calls (FlashAttention on CUDA in fp16/bf16, the reference elsewhere;
-        kernels/dense_prefill.py), the decode rows alone through the paged
-        kernel; "paged": everything through the paged kernel; "auto" (the
-        default): dense where FlashAttention runs and checks out, else paged.
     decode_first: inside each prefix group, start the requests with the most
         decode per prompt token first (BatchLLM's decode-first reordering); False
         keeps the input order (an ablation in the benchmark).
@@ -158,7 +153,6 @@ class EngineConfig:
     progress: bool = False
     seed: int = 0
     cuda_graphs: bool = True
-    prefill_attention: str = "auto"
     decode_first: bool = True
     decode_reserve: float = 1.0
 
@@ -183,8 +177,6 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                f"must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         _check(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
-        _check(self.prefill_attention in ("auto", "dense", "paged"), "prefill_attention",
-               f"must be 'auto', 'dense' or 'paged', got {self.prefill_attention!r}")
         _check(isinstance(self.decode_first, bool), "decode_first", f"must be a bool, got {self.decode_first!r}")
         _check(_is_number(self.decode_reserve) and 0 <= self.decode_reserve <= 1, "decode_reserve",
                f"must be a number in [0, 1], got {self.decode_reserve!r}")

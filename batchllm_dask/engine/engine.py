@@ -67,8 +67,7 @@ class Engine:
         self.num_kv_pages = self._kv_pages()
         self.max_num_batched_tokens = self._token_budget()
         self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
-                                  cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
-                                  prefill_attention=self.config.prefill_attention)
+                                  cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
@@ -112,10 +111,9 @@ class Engine:
     def _token_budget(self) -> int:
         """Tokens per forward pass: the config's, else chosen from the model's size.
 
-        On CUDA a step should carry about 4e13 FLOPs (some 50 ms at 800 TFLOP/s), enough for the host's
+        On CUDA a step should carry about 2e13 FLOPs (some 25 ms at 800 TFLOP/s), enough for the host's
         per-step work and the eager launches of a mixed step to hide behind it and for cuBLAS to run near
-        its peak: 4096 tokens for an 8B model, 16384 for a 1B one (at 8192 its mixed steps were still
-        host-bound on an H200: 11.7 ms of host work per step, the GPU busy 71%), at most 16384.  Elsewhere 4096.
+        its peak: 4096 tokens for an 8B model, 8192 for a 1B one, at most 16384.  Elsewhere 4096.
         """
         if self.config.max_num_batched_tokens is not None:
             return self.config.max_num_batched_tokens
@@ -124,7 +122,7 @@ class Engine:
         a = self.args
         linear = a.num_layers * (a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
                                  + a.num_heads * a.head_dim * a.hidden_size + 3 * a.hidden_size * a.intermediate_size)
-        tokens = int(4e13 // (2 * linear))
+        tokens = int(2e13 // (2 * linear))
         return min(16384, max(4096, 1 << (tokens.bit_length() - 1)))
 
     def _page_bytes(self) -> int:
@@ -223,7 +221,7 @@ class Engine:
 
         The step is sampled at once unless one of its rows is constrained (see `_run`).
         """
-        inputs = build_step_inputs(batch, self.config.page_size, self.runner.dense_prefill)
+        inputs = build_step_inputs(batch, self.config.page_size)
         try:
             logits = self.runner.forward(inputs, in_flight.tokens if in_flight is not None else None)
         except torch.OutOfMemoryError:

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import paged_attention
-from ..kernels.dense_prefill import dense_prefill_attention
 from ..kernels.reference import rms_norm_reference, rope_and_store_kv_reference, silu_and_mul_reference
 from .batch import ForwardBatch
 
@@ -259,8 +258,6 @@ class Attention(nn.Module):
         else:
             q = rope_and_store_kv_reference(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, batch.attention, self.sm_scale, backend)  # o: [T, Hq, D]
-        if batch.dense is not None:  # the prefill rows, as dense calls (the work list had the decode rows only)
-            dense_prefill_attention(q, k_cache, v_cache, batch.dense, self.sm_scale, out=o)
         return self.o_proj(o.reshape(x.shape[0], -1))
 
 

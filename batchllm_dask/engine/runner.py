@@ -53,7 +53,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, num_pages: int, page_size: int, attention_backend: str,
-                 cuda_graphs: bool = False, max_num_seqs: int = 512, prefill_attention: str = "paged"):
+                 cuda_graphs: bool = False, max_num_seqs: int = 512):
         args = model.args
         param = next(model.parameters())
         self.model = model
@@ -65,7 +65,6 @@ class ModelRunner:
         self.k_cache = torch.empty(shape, dtype=param.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=param.dtype, device=self.device)
         self.triton_plans = uses_triton(attention_backend, self.device, param.dtype, args.head_dim)
-        self.dense_prefill = _dense_prefill(prefill_attention, attention_backend, self.device, param.dtype, args)
         self.stager = Stager(self.device)
         self.returns = TokenReturn(self.device)
         self.graphs: DecodeGraphs | None = None
@@ -113,18 +112,15 @@ class ModelRunner:
             from ..kernels import attention_plan as ap
             from ..kernels.prefix_attention import attach_plan
             attach_plan(work, ap.device_plan_from_arrays(plan, dev))
-        batch = ForwardBatch(input_ids, dev["positions"], dev["slots"], work, dev["logits_rows"],
-                             _dense_work(inputs, dev))
+        batch = ForwardBatch(input_ids, dev["positions"], dev["slots"], work, dev["logits_rows"])
         hidden = self.model(batch, self.k_cache, self.v_cache, self.attention_backend)
         return self.model.compute_logits(hidden)
 
     def _host_plan(self, inputs: StepInputs):
-        """The attention plan of an eager step: split launches (128-row big tiles apart, prefix_attention.py);
-        rows past the decodes are left alone where the prefill runs dense."""
+        """The attention plan of an eager step: split launches (128-row big tiles apart, prefix_attention.py)."""
         from ..kernels.prefix_attention import host_plan
         args = self.model.args
-        rows = inputs.num_decodes if inputs.dense else inputs.num_tokens
-        return host_plan(inputs.work, rows, args.num_heads, args.num_kv_heads, self.device, split=True)
+        return host_plan(inputs.work, inputs.num_tokens, args.num_heads, args.num_kv_heads, self.device, split=True)
 
 
 def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False) -> dict[str, np.ndarray]:
@@ -141,32 +137,7 @@ def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False)
         if plan is not None:
             from ..kernels import attention_plan as ap
             out.update(ap.host_plan_arrays(plan))
-        for i, seg in enumerate(inputs.dense):
-            out.update({f"d{i}_rows": seg.q_rows, f"d{i}_cu_q": seg.cu_q, f"d{i}_cu_k": seg.cu_k,
-                        f"d{i}_slots": seg.kv_slots})
     return out
-
-
-def _dense_work(inputs: StepInputs, dev: dict):
-    """The step's `DensePrefill` over the staged arrays, or None."""
-    if not inputs.dense:
-        return None
-    from ..kernels.dense_prefill import DensePrefill, DenseSegments
-    segs = [DenseSegments(dev[f"d{i}_rows"], dev[f"d{i}_cu_q"], dev[f"d{i}_cu_k"], dev[f"d{i}_slots"],
-                          int(np.diff(seg.cu_q).max()), int(np.diff(seg.cu_k).max()), seg.causal,
-                          tuple(seg.cu_q.tolist()), tuple(seg.cu_k.tolist()))
-            for i, seg in enumerate(inputs.dense)]
-    return DensePrefill(segs[0], tuple(segs[1:]))
-
-
-def _dense_prefill(choice: str, attention_backend: str, device: torch.device, dtype: torch.dtype, args) -> bool:
-    """Whether prefill chunks attend through dense calls (EngineConfig.prefill_attention)."""
-    if choice != "auto":
-        return choice == "dense"
-    if attention_backend == "torch":
-        return False
-    from ..kernels.dense_prefill import flash_usable
-    return flash_usable(device, dtype, args.num_heads, args.num_kv_heads, args.head_dim)
 
 
 def _device_work(work: HostWork, dev: dict) -> AttentionWork:

@@ -47,17 +47,6 @@ class HostWork:
 
 
 @dataclass(frozen=True)
-class HostSegments:
-    """One dense varlen call of the prefill rows (kernels/dense_prefill.DenseSegments, on the host)."""
-
-    q_rows: np.ndarray  # [Q] int64
-    cu_q: np.ndarray  # [S+1] int32
-    cu_k: np.ndarray  # [S+1] int32
-    kv_slots: np.ndarray  # [K] int64
-    causal: bool
-
-
-@dataclass(frozen=True)
 class SamplingArrays:
     """Per sampled row: how to sample it (the host side of `sampler.SamplingBatch`)."""
 
@@ -84,7 +73,6 @@ class StepInputs:
     work: HostWork
     sampling: SamplingArrays
     num_decodes: int  # rows [0, num_decodes) are decodes; a decode-only step has num_decodes == T
-    dense: tuple[HostSegments, ...] = ()  # the prefill rows' attention when it runs dense: own, then per depth
 
     @property
     def num_tokens(self) -> int:
@@ -95,24 +83,14 @@ class StepInputs:
         return self.num_decodes == len(self.input_ids)
 
 
-def build_step_inputs(batch: StepBatch, page_size: int, dense_prefill: bool = False) -> StepInputs:
-    """The host arrays of `batch` (its sampled rows are `batch.sampled`, in order).
-
-    dense_prefill: the prefill chunks' attention goes to dense varlen calls (kernels/dense_prefill.py), and
-    the work list holds the decode rows only.
-    """
+def build_step_inputs(batch: StepBatch, page_size: int) -> StepInputs:
+    """The host arrays of `batch` (its sampled rows are `batch.sampled`, in order)."""
     items = _Items()
     dec = _decode_rows(batch.decodes, page_size, items)
-    pre = [_prefill_rows(chunk, page_size, items if not dense_prefill else None, row)
-           for chunk, row in _chunk_rows(batch)]
+    pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in _chunk_rows(batch)]
     segments = [(row, 1, c.seq) for row, c in enumerate(batch.decodes)]
-    chunk_segments = [(row, c.length, c.seq) for c, row in _chunk_rows(batch)]
-    if dense_prefill:
-        _prefix_runs(segments, items)
-        dense = _dense_segments(batch, page_size) if batch.prefills else ()
-    else:
-        _prefix_runs(segments + chunk_segments, items)
-        dense = ()
+    segments += [(row, c.length, c.seq) for c, row in _chunk_rows(batch)]
+    _prefix_runs(segments, items)
     ids = np.concatenate([dec[0], *(p[0] for p in pre)])
     positions = np.concatenate([dec[1], *(p[1] for p in pre)])
     slots = np.concatenate([dec[2], *(p[2] for p in pre)])
@@ -123,43 +101,7 @@ def build_step_inputs(batch: StepBatch, page_size: int, dense_prefill: bool = Fa
     feed_src = np.asarray([batch.decodes[i].seq.feed_index for i in feed.tolist()], dtype=np.int64)
     sampled = [c.seq for c in batch.sampled]
     return StepInputs(ids, positions, slots, logits_rows, feed.astype(np.int64), feed_src, items.host_work(),
-                      sampling_arrays(sampled), len(batch.decodes), dense)
-
-
-def _dense_segments(batch: StepBatch, page_size: int) -> tuple[HostSegments, ...]:
-    """The prefill chunks' own causal segments (one call), then one non-causal call per prefix depth, whose
-    segments are the runs of consecutive chunks below one prefix (its keys gathered once for the run)."""
-    chunks = list(_chunk_rows(batch))
-    own = _segments([(row, c.length, c.seq, c.start + c.length) for c, row in chunks], page_size, causal=True)
-    levels = []
-    for depth in range(max(len(c.seq.ancestors()) for c, _ in chunks)):
-        runs: list[list] = []  # [prefix, first row, end row]
-        for chunk, row in chunks:
-            chain = chunk.seq.ancestors()
-            if len(chain) <= depth:
-                continue
-            if runs and runs[-1][0] is chain[depth] and runs[-1][2] == row:
-                runs[-1][2] = row + chunk.length
-            else:
-                runs.append([chain[depth], row, row + chunk.length])
-        levels.append(_segments([(first, end - first, prefix, len(prefix.tokens)) for prefix, first, end in runs],
-                                page_size, causal=False))
-    return (own, *levels)
-
-
-def _segments(parts: list[tuple], page_size: int, causal: bool) -> HostSegments:
-    """parts: (first row, rows, sequence whose pages hold the keys, keys)."""
-    q_rows = np.concatenate([np.arange(r, r + n, dtype=np.int64) for r, n, _, _ in parts])
-    cu_q = np.concatenate([[0], np.cumsum([n for _, n, _, _ in parts])]).astype(np.int32)
-    cu_k = np.concatenate([[0], np.cumsum([k for _, _, _, k in parts])]).astype(np.int32)
-    slots = np.concatenate([_slots(seq.pages, k, page_size) for _, _, seq, k in parts])
-    return HostSegments(q_rows, cu_q, cu_k, slots, causal)
-
-
-def _slots(pages: list[int], num_keys: int, page_size: int) -> np.ndarray:
-    """Flat pool slots of a sequence's first num_keys tokens."""
-    idx = np.arange(num_keys, dtype=np.int64)
-    return np.asarray(pages, dtype=np.int64)[idx // page_size] * page_size + idx % page_size
+                      sampling_arrays(sampled), len(batch.decodes))
 
 
 def _chunk_rows(batch: StepBatch):
@@ -231,15 +173,14 @@ def _prefix_runs(segments: list, items: _Items) -> None:
         items.add(first, end - first, len(prefix.tokens), 0, prefix.pages)
 
 
-def _prefill_rows(chunk: Chunk, page_size: int, items: _Items | None, row: int):
-    """ids, positions, slots of one prefill chunk; the item of its own causal segment (unless it runs dense)."""
+def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
+    """ids, positions, slots of one prefill chunk; the item of its own causal segment."""
     seq, start, length = chunk
     span = np.arange(start, start + length, dtype=np.int64)
     ids = np.asarray(seq.tokens[start:start + length], dtype=np.int64)
     pages = np.asarray(seq.pages, dtype=np.int64)
     slots = pages[span // page_size] * page_size + span % page_size
-    if items is not None:
-        items.add(row, length, start + length, 1, seq.pages)
+    items.add(row, length, start + length, 1, seq.pages)
     return ids, span + seq.start, slots
 
 
