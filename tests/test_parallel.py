@@ -73,3 +73,25 @@ def test_multicast_stays_off_in_rank_processes(monkeypatch):
     env = _child_env()
     assert all(env[k] == v for k, v in MULTICAST_OFF.items())
     assert os.environ.get("NCCL_NVLS_ENABLE") is None  # the caller's own environment is not rewritten here
+
+
+def test_a_dask_worker_owns_a_tensor_parallel_group(tiny_llama_dir):
+    """One worker declaring GPU=2 runs a tensor_parallel_size=2 engine (its rank 1 a subprocess of the daemonic
+    worker process); tasks ask for GPU=2 through gpu_resources(gpus=2); the completions are one rank's."""
+    import pandas as pd
+    distributed = pytest.importorskip("distributed")
+    import batchllm_dask
+    from _helpers import to_dask
+    options = dict(max_tokens=5, temperature=0.0, dtype="float32", device="cpu", kv_cache_bytes=8 << 20)
+    df = pd.DataFrame({"prompt": [p for p in PROMPTS if isinstance(p, str)]})
+    expected = df.llm.generate("prompt", str(tiny_llama_dir), **options)["completion"]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"GPU": 2},
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        out = to_dask(df, 2).llm.generate("prompt", str(tiny_llama_dir), npartitions=1, tensor_parallel_size=2,
+                                          **options)
+        with pytest.raises(ValueError, match="gpus=3"), batchllm_dask.gpu_resources(gpus=3):
+            pass
+        with batchllm_dask.gpu_resources(gpus=2) as applied:
+            result = out.compute()
+    assert applied
+    assert result["completion"].sort_index().tolist() == expected.tolist()
