@@ -95,3 +95,14 @@ def test_a_dask_worker_owns_a_tensor_parallel_group(tiny_llama_dir):
             result = out.compute()
     assert applied
     assert result["completion"].sort_index().tolist() == expected.tolist()
+
+
+def test_an_engine_that_cannot_shard_raises_before_starting_ranks(tiny_llama_dir, monkeypatch):
+    import subprocess
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    with pytest.raises(ValueError, match="tensor_parallel_size=3: num_attention_heads=4"):
+        Engine(tiny_llama_dir, dtype="float32", device="cpu", tensor_parallel_size=3)
+    assert not started and not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        Engine(tiny_llama_dir, dtype="float32", device="cpu", tensor_parallel_size=0)

@@ -54,7 +54,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class Engine:
-    """A model loaded on one device with its paged KV pool, ready to generate batches."""
+    """A model loaded on one device (or split over `tensor_parallel_size` of them, parallel.py) with its paged
+    KV pool, ready to generate batches."""
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | None = None, device: str | None = None,
                  config: EngineConfig | None = None, _rank_group: RankGroup | None = None, **options):
