@@ -44,6 +44,8 @@ def test_two_gloo_ranks_equal_one_rank(checkpoint):
     finally:
         engine.close()
     assert all(child.poll() is not None for child in children)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(["again"])
     assert not torch.distributed.is_initialized()
 
 

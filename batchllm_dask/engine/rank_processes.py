@@ -53,6 +53,7 @@ class RankProcesses:
 
     def __init__(self, model: str, config: Any, size: int):
         self.size = size
+        self.closed = False
         self.init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.children = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, env=_child_env()) for _ in range(1, size)]
@@ -71,6 +72,8 @@ class RankProcesses:
 
         A failure here stops the children (they may be waiting in a collective): the engine is then closed.
         """
+        if self.closed:
+            raise RuntimeError("this tensor-parallel engine is closed (its rank processes are stopped)")
         for child in self.children:
             _send(child.stdin, ("generate", prompts, sampling))
         try:
@@ -107,7 +110,7 @@ class RankProcesses:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        self.children = []
+        self.closed = True
         close_group()
 
 
