@@ -129,6 +129,24 @@ def test_local_cluster_runs_each_partition_on_its_assigned_worker():
     assert sorted(out.groupby("worker")["rows"].sum().tolist()) == [11, 11]
 
 
+def test_placement_holds_behind_a_p2p_shuffle():
+    """P2P pins its own output partitions to workers; the tasks after it still run where the mapping says."""
+    import dask.dataframe as dd
+    sizes = [9, 1, 1, 1, 8, 1, 1]
+    keys = np.repeat(np.arange(len(sizes)), sizes)
+    pdf = pd.DataFrame({"t": keys, "s": [f"x{i}" for i in range(len(keys))]}).sample(frac=1, random_state=0)
+    shuffled = dd.from_pandas(pdf, npartitions=4).set_index("t", divisions=list(range(len(sizes) + 1)),
+                                                          shuffle_method="p2p")
+    ran = shuffled.map_partitions(_where, meta={"worker": "str", "rows": "int64"}, clear_divisions=True)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        mapping = lpt_assign([float(s) for s in sizes], sorted(client.scheduler_info()["workers"]))
+        with placement(mapping):
+            out = ran.compute().reset_index(drop=True)
+    assert out["rows"].tolist() == sizes
+    assert out["worker"].tolist() == [mapping[p] for p in range(len(sizes))]
+
+
 def test_generate_on_two_workers_follows_the_noted_plan(tiny_llama_dir):
     """The real path: plan, `note_plan`, compute inside `gpu_resources()`: every run_partition task runs on the
     worker the assignment chose, and the rows come back complete."""
