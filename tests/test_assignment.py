@@ -57,9 +57,9 @@ def test_lpt_spreads_a_skewed_job():
     assert loads(mapping, costs) == {"a": 11.0, "b": 11.0}
 
 
-@pytest.mark.parametrize("costs, workers, together, word", [([1.0], [], (), "workers"), ([1.0], ["a", "a"], (), "distinct"),
-                                                            ([-1.0], ["a"], (), "costs"),
-                                                            ([1.0, 1.0], ["a"], ([0, 1], [1]), "disjoint")])
+@pytest.mark.parametrize("costs, workers, together, word", [
+    ([1.0], [], (), "workers"), ([1.0], ["a", "a"], (), "distinct"), ([-1.0], ["a"], (), "costs"),
+    ([1.0, 1.0], ["a"], ([0, 1], [1]), "disjoint")])
 def test_bad_input_is_refused(costs, workers, together, word):
     with pytest.raises(ValueError, match=word):
         lpt_assign(costs, workers, together)
@@ -115,7 +115,8 @@ def test_local_cluster_runs_each_partition_on_its_assigned_worker():
     sizes = [9, 1, 1, 1, 8, 1, 1]
     pdf = pd.DataFrame({"x": range(sum(sizes))})
     bounds = np.cumsum([0, *sizes])
-    ddf = dd.from_pandas(pdf, npartitions=1).repartition(divisions=[int(b) for b in bounds[:-1]] + [int(bounds[-1]) - 1])
+    divisions = [int(b) for b in bounds[:-1]] + [int(bounds[-1]) - 1]
+    ddf = dd.from_pandas(pdf, npartitions=1).repartition(divisions=divisions)
     assert ddf.npartitions == len(sizes)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
