@@ -176,7 +176,7 @@ def cluster_workers(client: Any = None) -> tuple[int, int]:
 
 
 @contextmanager
-def gpu_resources(client: Any = None) -> Iterator[bool]:
+def gpu_resources(client: Any = None, gpus: int = 1) -> Iterator[bool]:
     """Run what is computed inside on GPU workers, one task per GPU at a time.
 
         with batchllm_dask.gpu_resources():
@@ -191,14 +191,27 @@ def gpu_resources(client: Any = None) -> Iterator[bool]:
     inside the block, and they apply to every task of that graph: reading,
     tokenizing and shuffling also run on the GPU workers, which is where the
     rows must go anyway.  Yields whether the annotation was applied.
+
+    gpus: the GPUs one task takes: a tensor-parallel engine's `tensor_parallel_size`, on a worker that owns
+    that many (`dask worker --resources GPU=2`).
+    The partitions of the last planned job go to the workers `assignment.note_plan` chose (cost-balanced).
     """
     import dask
+    from .assignment import pending_placement, placement
 
-    if cluster_workers(client)[1] == 0:
-        yield False
-        return
-    with dask.annotate(resources={"GPU": 1}), warnings.catch_warnings():
+    with placement(pending_placement()), warnings.catch_warnings():
         # dask-expr warns that annotations are ignored whenever a collection is built inside the block
         # (to_parquet builds some); the client still applies them when it submits the graph.
         warnings.filterwarnings("ignore", message="Dask annotations .* detected")
-        yield True
+        if cluster_workers(client)[1] == 0:
+            yield False
+            return
+        if gpus > 1 and not _workers_with_gpus(client, gpus):
+            raise ValueError(f"gpus={gpus}: no worker of the cluster declares that many (--resources GPU={gpus})")
+        with dask.annotate(resources={"GPU": gpus}):
+            yield True
+
+
+def _workers_with_gpus(client: Any, gpus: int) -> list[str]:
+    workers = _current_client(client).scheduler_info(n_workers=-1).get("workers", {})
+    return [a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) >= gpus]

@@ -138,6 +138,10 @@ class EngineConfig:
         costs concurrency, never recomputation; lower values admit more requests
         (useful when outputs usually stop well before max_tokens) and preempt the
         newest when the pool runs dry.
+    tensor_parallel_size: ranks (GPUs) the model is split over, Megatron-style
+        (parallel.py): one process per rank, NCCL on CUDA (cuda:0..N-1 of the
+        visible devices, from `device`'s index), gloo on the CPU.  Heads and the
+        intermediate size must divide by it (KV heads may be fewer: replicated).
     """
 
     dtype: str = "auto"
@@ -155,6 +159,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     decode_first: bool = True
     decode_reserve: float = 1.0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
@@ -180,3 +185,5 @@ class EngineConfig:
         _check(isinstance(self.decode_first, bool), "decode_first", f"must be a bool, got {self.decode_first!r}")
         _check(_is_number(self.decode_reserve) and 0 <= self.decode_reserve <= 1, "decode_reserve",
                f"must be a number in [0, 1], got {self.decode_reserve!r}")
+        _check(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+               f"must be an integer >= 1, got {self.tensor_parallel_size!r}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -34,6 +35,7 @@ from .inputs import PreparedPrompt, prepare_prompt, sampling_list
 from .kv_cache import PageAllocator, kv_bytes_per_page, kv_shortage_message, pages_for
 from .loader import eos_token_ids, load_checkpoint, load_tokenizer, max_model_len
 from .outputs import Completion, GenerationStats
+from .parallel import RankGroup, load_shard
 from .pipeline import SampledStep, mark_sampled, resolve
 from .prefix_tree import PrefixPlan, build_prefix_plan
 from .runner import ModelRunner
@@ -52,15 +54,36 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class Engine:
-    """A model loaded on one device with its paged KV pool, ready to generate batches."""
+    """A model loaded on one device (or split over `tensor_parallel_size` of them, parallel.py) with its paged
+    KV pool, ready to generate batches."""
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | None = None, device: str | None = None,
-                 config: EngineConfig | None = None, **options):
+                 config: EngineConfig | None = None, _rank_group: RankGroup | None = None, **options):
+        """tensor_parallel_size > 1 (an option): this process is rank 0 of a group it starts (parallel.py);
+        _rank_group: this process is that rank of a group (rank_processes.py builds the other ranks so)."""
         self.config = _make_config(config, dtype, device, options)
         self.model_path = os.fspath(model)
-        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._ranks, self.group = None, _rank_group
+        if _rank_group is None and self.config.tensor_parallel_size > 1:
+            from .rank_processes import start_ranks
+            self._ranks, self.group = start_ranks(self.model_path, self.config)
+            self._close_ranks = weakref.finalize(self, self._ranks.close)
+        try:
+            self._build()
+            if self._ranks is not None:
+                self._ranks.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        self.device = self.group.device if self.group is not None else torch.device(
+            self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device)
-        self.model, self.args = load_checkpoint(self.model_path, self.dtype, self.device)
+        if self.group is not None:
+            self.model, self.args = load_shard(self.model_path, self.dtype, self.device, self.group)
+        else:
+            self.model, self.args = load_checkpoint(self.model_path, self.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.max_model_len = max_model_len(self.args)
@@ -68,12 +91,19 @@ class Engine:
         self.max_num_batched_tokens = self._token_budget()
         self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
+        if self.group is not None:  # rank 0's tokens on every rank: the ranks' schedulers stay in lock-step
+            self.runner.token_sync = self.group.broadcast
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_token_ids, self.device)
         self.last_stats: GenerationStats | None = None
         self.annotate_steps = False  # mark the loop's phases for torch.profiler (bench/profile.py sets it)
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's rank processes and leave its process group (else nothing)."""
+        if self._ranks is not None:
+            self._close_ranks()
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -82,6 +112,12 @@ class Engine:
 
         A bad prompt gets finish_reason "error" and a message; the others run.
         """
+        if self._ranks is not None:  # every rank runs the same call (parallel.py)
+            return self._ranks.run(self._generate, prompts, sampling, progress)
+        return self._generate(prompts, sampling, progress)
+
+    def _generate(self, prompts: Sequence[str | Sequence[int]],
+                  sampling: SamplingParams | Sequence[SamplingParams] | None, progress: bool | None) -> list[Completion]:
         start = time.perf_counter()
         params = sampling_list(sampling, len(prompts))
         prepared = [prepare_prompt(p, self.tokenizer, self.args.vocab_size, self.max_model_len) for p in prompts]
@@ -226,7 +262,7 @@ class Engine:
         try:
             logits = self.runner.forward(inputs, in_flight.tokens if in_flight is not None else None)
         except torch.OutOfMemoryError:
-            if scheduler.max_batched_tokens <= _MIN_OOM_BUDGET:
+            if scheduler.max_batched_tokens <= _MIN_OOM_BUDGET or self.group is not None:  # ranks would disagree
                 raise
             torch.cuda.empty_cache()
             scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, scheduler.max_batched_tokens // 2)
@@ -270,6 +306,8 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * self.config.kv_cache_fraction)
         pages = (budget or _CPU_KV_BYTES) // per_page
+        if self.group is not None:
+            pages = self.group.min_int(pages)
         if pages < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV page of {per_page} bytes")
         return pages

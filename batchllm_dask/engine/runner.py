@@ -68,6 +68,7 @@ class ModelRunner:
         self.stager = Stager(self.device)
         self.returns = TokenReturn(self.device)
         self.graphs: DecodeGraphs | None = None
+        self.token_sync = None  # tensor parallel: makes every rank's sampled tokens rank 0's (parallel.py)
         if cuda_graphs:
             from .cuda_graphs import make_decode_graphs  # triton loads only where it runs
             self.graphs = make_decode_graphs(model, self.k_cache, self.v_cache, self.scratch_page, max_num_seqs,
@@ -97,7 +98,8 @@ class ModelRunner:
         logits = step.logits
         if mask is not None:
             logits = apply_token_mask(logits, mask.to(self.device, non_blocking=True))
-        return self.returns.send(sample(logits, step.sampling))
+        tokens = sample(logits, step.sampling)
+        return self.returns.send(tokens if self.token_sync is None else self.token_sync(tokens))
 
     def _eager(self, inputs: StepInputs, dev: dict, plan, feed) -> torch.Tensor:
         if "input_ids" not in dev:  # a decode-only step that the graphs could not take: stage the rest now
