@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .config import EngineConfig, SamplingParams
 from .inputs import PreparedPrompt, prepare_prompt, sampling_list
 from .kv_cache import PageAllocator, kv_bytes_per_page, kv_shortage_message, pages_for
+from .model_cache import checkpoint_dir
 from .loader import eos_token_ids, load_checkpoint, load_tokenizer, max_model_len
 from .outputs import Completion, GenerationStats
 from .pipeline import SampledStep, mark_sampled, resolve
@@ -49,6 +50,7 @@ _MIN_OOM_BUDGET = 16  # the smallest token budget an out-of-memory retry goes do
 
 _CPU_KV_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class Engine:
@@ -57,9 +59,9 @@ class Engine:
     def __init__(self, model: str | os.PathLike, *, dtype: str | None = None, device: str | None = None,
                  config: EngineConfig | None = None, **options):
         self.config = _make_config(config, dtype, device, options)
-        self.model_path = os.fspath(model)
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device)
+        self.model_path = checkpoint_dir(model, _DTYPE_NAMES[self.dtype])  # a GGUF file: its cached conversion
         self.model, self.args = load_checkpoint(self.model_path, self.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
@@ -78,10 +80,12 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 progress: bool | None = None) -> list[Completion]:
+                 progress: bool | Callable[[int, int], None] | None = None) -> list[Completion]:
         """Complete every prompt; results in the order of `prompts`.
 
         A bad prompt gets finish_reason "error" and a message; the others run.
+        progress: True for a tqdm bar (default `EngineConfig.progress`), or a callable called as
+        `progress(rows, output_tokens)` each time rows finish (a Dask job's progress bar sums these).
         """
         start = time.perf_counter()
         params = sampling_list(sampling, len(prompts))
@@ -92,10 +96,13 @@ class Engine:
         plan = self._plan([prepared[i].token_ids for i in valid])
         requests = self._make_requests(plan, valid, prepared, params)
         matchers = self.grammars.start({seq.index: seq.params for seq in requests})  # None: nothing constrained
-        show = self.config.progress if progress is None else progress
+        callback = progress if callable(progress) else None
+        show = self.config.progress if progress is None else bool(progress) and callback is None
         with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
             bar.update(len(prompts) - len(valid))
-            scheduler, count = self._run(requests, bar, matchers)
+            if callback is not None and len(prompts) > len(valid):
+                callback(len(prompts) - len(valid), 0)
+            scheduler, count = self._run(requests, bar, matchers, callback)
         for seq in requests:
             completions[seq.index] = self._completion(seq, prepared[seq.index])
         self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, count,
@@ -168,8 +175,8 @@ class Engine:
         return requests
 
     # -- the loop --------------------------------------------------------------------------
-    def _run(self, requests: list[RequestSeq], bar: tqdm,
-             matchers: GrammarMatchers | None = None) -> tuple[Scheduler, _LoopCounters]:
+    def _run(self, requests: list[RequestSeq], bar: tqdm, matchers: GrammarMatchers | None = None,
+             callback: Callable[[int, int], None] | None = None) -> tuple[Scheduler, _LoopCounters]:
         """Run every request to the end: launch step n+1, then retire what step n's tokens finished.
 
         Structured output (matchers): a constrained row's mask for step n+1 needs step n's token, so a step
@@ -187,6 +194,8 @@ class Engine:
             if matchers is not None:
                 matchers.release([seq.index])
             bar.update(1)
+            if callback is not None:
+                callback(1, len(seq.output))
 
         while True:
             launched, retried = None, False
@@ -194,6 +203,8 @@ class Engine:
                 with phase("engine.schedule"):
                     batch = scheduler.schedule()
                 bar.update(len(batch.failed))
+                if callback is not None and batch.failed:
+                    callback(len(batch.failed), 0)
                 if batch.num_tokens:
                     with phase("engine.launch"):
                         launched = self._launch(scheduler, batch, in_flight, matchers)
