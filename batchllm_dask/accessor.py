@@ -195,6 +195,23 @@ class LLMAccessor:
             raise TypeError("plan() shows how a Dask DataFrame is partitioned; a pandas frame runs as one batch")
         return plan(self._obj, prompt_col, model, chat=chat, max_tokens=max_tokens, npartitions=npartitions)
 
+    def plan_report(self, prompt_col: str, model: str, *, chat: bool = False, max_tokens: int = 16,
+                    npartitions: int | None = None, device: str = "h100") -> Any:
+        """What `generate` will cost, computed now without loading weights; see `plan_report.plan_report`."""
+        if not _is_dask(self._obj):
+            raise TypeError("plan_report() plans a Dask DataFrame; wrap a pandas frame with dd.from_pandas")
+        from .plan_report import plan_report
+        return plan_report(self._obj, prompt_col, model, chat=chat, max_tokens=max_tokens,
+                           npartitions=npartitions, device=device)
+
+    def stats(self, wall_seconds: float | None = None) -> Any:
+        """`JobStats` of a generate() result: rows, errors by kind, prompt tokens computed after sharing, ...
+
+        On a Dask result it computes the columns it needs: call it on a persisted or re-read result.
+        """
+        from .stats import job_stats
+        return job_stats(self._obj, wall_seconds)
+
 
 class LLMSeriesAccessor:
     """`series.llm`: LLM generation over a Series of prompts; returns the completions as a Series."""

@@ -21,7 +21,7 @@ from _helpers import to_dask
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20}
 SAMPLING = {"max_tokens": 6, "temperature": 0.0}
-RESULT_COLUMNS = ["completion", "prompt_tokens", "completion_tokens", "finish_reason", "error"]
+RESULT_COLUMNS = ["completion", "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason", "error"]
 
 
 def review_prompts(n: int = 18, seed: int = 0) -> list[object]:

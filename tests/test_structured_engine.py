@@ -103,7 +103,7 @@ DTYPES = ["Int64", "str", "boolean", "Float64"]
 def test_pandas_json_schema_gives_typed_columns_beside_the_completion(tiny_llama_dir):
     df = review_frame()
     out = df.llm.generate("prompt", str(tiny_llama_dir), json_schema=Review, **OPTIONS)
-    assert list(out.columns) == ["prompt", "row", "completion", "prompt_tokens", "completion_tokens",
+    assert list(out.columns) == ["prompt", "row", "completion", "prompt_tokens", "completion_tokens", "cached_tokens",
                                  "finish_reason", "error", *FIELDS]
     assert out[FIELDS].dtypes.astype(str).tolist() == DTYPES
     assert out["error"].isna().all() and (out["finish_reason"] == "stop").all()
