@@ -79,8 +79,8 @@ class PlanReport:
         lines.append(f"partitions             {len(self.partitions)} (one engine call, one GPU each)")
         lines.append("  partition     rows   prompt tok   computed tok      cost   lower bound")
         lines += [f"  {p.partition:9d} {p.rows:8,d} {p.prompt_tokens:12,d} {p.computed_prompt_tokens:14,d} "
-                  f"{p.cost:9,.0f} {p.lower_bound_seconds:11.4f} s" for p in self.partitions]
-        lines.append(f"lower bound per GPU    {self.lower_bound_seconds:.4f} s on {self.device} "
+                  f"{p.cost:9,.0f} {p.lower_bound_seconds:11.3g} s" for p in self.partitions]
+        lines.append(f"lower bound per GPU    {self.lower_bound_seconds:.3g} s on {self.device} "
                      "(no engine runs faster; expect a few times more)")
         return "\n".join(lines)
 
@@ -100,7 +100,7 @@ def summarize_partition(part: pd.DataFrame, number: int, max_tokens: int, min_sh
     groups = keyed.groupby(KEY)[KEY_LEN].agg(["size", "first"])
     return {"partition": number, "rows": len(part), "errors": len(part) - len(ids), "prompt_tokens": sum(lens),
             "computed": plan.computed_prompt_tokens(lens) if ids else 0,
-            "groups": {int(k): (int(r.size), int(r["first"])) for k, r in groups.iterrows()},
+            "groups": {int(k): (int(r["size"]), int(r["first"])) for k, r in groups.iterrows()},
             "requests": [_Request(r, max_tokens) for r in ids]}
 
 
