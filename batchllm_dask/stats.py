@@ -64,16 +64,14 @@ class JobStats:
                    output_tokens=int(frame["completion_tokens"].sum()), wall_seconds=wall_seconds)
 
     def __str__(self) -> str:
-        lines = [f"rows                 {self.rows:,} ({self.rows - self.failed_rows:,} completed, "
-                 f"{self.failed_rows:,} errors)"]
-        lines += [f"  error              {n:,} x {kind}" for kind, n in self.errors.items()]
-        lines += [f"prompt tokens        {self.prompt_tokens:,}",
-                  f"computed after sharing {self.computed_prompt_tokens:,} "
-                  f"(prefix sharing saved {self.saved_share:.1%})",
-                  f"output tokens        {self.output_tokens:,}"]
+        rows = [("rows", f"{self.rows:,} ({self.rows - self.failed_rows:,} completed, {self.failed_rows:,} errors)")]
+        rows += [(f"  {n:,} x", kind) for kind, n in self.errors.items()]
+        rows += [("prompt tokens", f"{self.prompt_tokens:,}"),
+                 ("computed after sharing", f"{self.computed_prompt_tokens:,} (prefix sharing saved {self.saved_share:.1%})"),
+                 ("output tokens", f"{self.output_tokens:,}")]
         if self.wall_seconds is not None:
-            lines.append(f"wall time            {self.wall_seconds:.2f} s ({self.tokens_per_second:,.1f} output tokens/s)")
-        return "\n".join(lines)
+            rows.append(("wall time", f"{self.wall_seconds:.2f} s ({self.tokens_per_second:,.1f} output tokens/s)"))
+        return "\n".join(f"{label:<23}{value}" for label, value in rows)
 
 
 def job_stats(result: Any, wall_seconds: float | None = None) -> JobStats:

