@@ -4,9 +4,10 @@
     write_table(out, "answers.csv")                 # one CSV file
 
 A compression suffix (.gz, .bz2, .xz, .zst) after the format's is allowed for
-CSV and JSON Lines.  A folder without an extension is read as a parquet
-dataset.  Parquet is written as Dask writes it (a folder of part files); CSV and
-JSON Lines as one file, since that is what a user who names `answers.csv` expects.
+CSV and JSON Lines.  A path without an extension is a parquet dataset (a
+folder).  Parquet is written as Dask writes it (a folder of part files); CSV
+and JSON Lines as one file, since that is what a user who names `answers.csv`
+expects.
 """
 from __future__ import annotations
 
@@ -25,16 +26,10 @@ def table_format(path: str, flag: str = "path") -> str:
         suffixes = suffixes[:-1]
     if suffixes and suffixes[-1] in FORMATS:
         return FORMATS[suffixes[-1]]
-    if not suffixes and _is_dir(path):
+    if not suffixes:  # a parquet dataset is a folder of part files
         return "parquet"
     raise ValueError(f"{flag}: cannot tell the format of {path!r}; name a file ending in "
                      f"{', '.join(sorted(FORMATS))} (a compression suffix may follow CSV or JSON Lines)")
-
-
-def _is_dir(path: str) -> bool:
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(path)
-    return fs.isdir(root)
 
 
 def read_table(path: str, flag: str = "INPUT", storage_options: dict | None = None) -> Any:

@@ -122,7 +122,9 @@ def test_dask_json_schema_columns_match_their_meta_and_the_pandas_path(tiny_llam
         with dask.config.set(scheduler="threads"):
             result = out.compute()
         pd.testing.assert_series_equal(result.dtypes, out._meta.dtypes)
-        pd.testing.assert_frame_equal(result.loc[df.index], expected)
+        # cached_tokens says which row of its batch computed a shared prefix first: it depends on the batches
+        pd.testing.assert_frame_equal(result.loc[df.index].drop(columns="cached_tokens"),
+                                      expected.drop(columns="cached_tokens"))
 
 
 def test_a_row_cut_by_max_tokens_gets_an_error_and_null_fields(tiny_llama_dir):
