@@ -111,7 +111,8 @@ def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "complet
     prompt_col: a column of text, of token-id lists, or of chat messages
         (lists of {"role", "content"} dicts); `chat=True` wraps text rows as
         one user message; messages go through the tokenizer's chat template.
-    model: a local Hugging Face checkpoint directory, loaded once per worker process.
+    model: a local Hugging Face checkpoint directory or a GGUF file (converted once, engine/model_cache.py),
+        loaded once per worker process.
     options: `SamplingParams` fields (max_tokens, temperature, top_p, top_k,
         seed, stop, stop_token_ids, ignore_eos; one constraint of json_schema,
         regex, choice) and `EngineConfig` fields (dtype, device, kv_cache_bytes,
