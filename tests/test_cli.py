@@ -139,3 +139,21 @@ def test_stats_count_errors_by_kind():
     stats = JobStats.from_frame(frame, wall_seconds=2.0)
     assert (stats.rows, stats.errors, stats.prompt_tokens, stats.computed_prompt_tokens) == (4, {"empty prompt": 2}, 20, 14)
     assert stats.saved_share == pytest.approx(0.3) and stats.tokens_per_second == 3.0
+
+
+def test_the_partition_runner_counts_every_row_for_the_progress_bar(tiny_llama_dir):
+    from batchllm_dask import progress
+    from batchllm_dask.caches import EngineSpec
+    from batchllm_dask.engine.config import SamplingParams
+    from batchllm_dask.worker import generate_partition
+    spec = EngineSpec.make(str(tiny_llama_dir), {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20})
+    part = pd.DataFrame({"prompt": ["one two", None, "three four five", ""]})
+    rows, tokens = progress.counters()
+    out = generate_partition(part, "prompt", spec, SamplingParams(max_tokens=3), False, "completion")
+    assert progress.counters() == (rows + 4, tokens + int(out["completion_tokens"].sum()))
+
+
+def test_measured_device_ceilings_are_positive():
+    from batchllm_dask.plan_report import device_ceilings
+    name, flops, bandwidth = device_ceilings("measured")
+    assert "measured" in name and flops > 0 and bandwidth > 0
