@@ -98,11 +98,10 @@ class Engine:
         matchers = self.grammars.start({seq.index: seq.params for seq in requests})  # None: nothing constrained
         callback = progress if callable(progress) else None
         show = self.config.progress if progress is None else bool(progress) and callback is None
-        with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
+        with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as tqdm_bar:
+            bar = _RowProgress(tqdm_bar, callback)
             bar.update(len(prompts) - len(valid))
-            if callback is not None and len(prompts) > len(valid):
-                callback(len(prompts) - len(valid), 0)
-            scheduler, count = self._run(requests, bar, matchers, callback)
+            scheduler, count = self._run(requests, bar, matchers)
         for seq in requests:
             completions[seq.index] = self._completion(seq, prepared[seq.index])
         self.last_stats = self._stats(completions, plan, [prepared[i] for i in valid], scheduler, count,
@@ -175,8 +174,8 @@ class Engine:
         return requests
 
     # -- the loop --------------------------------------------------------------------------
-    def _run(self, requests: list[RequestSeq], bar: tqdm, matchers: GrammarMatchers | None = None,
-             callback: Callable[[int, int], None] | None = None) -> tuple[Scheduler, _LoopCounters]:
+    def _run(self, requests: list[RequestSeq], bar: _RowProgress,
+             matchers: GrammarMatchers | None = None) -> tuple[Scheduler, _LoopCounters]:
         """Run every request to the end: launch step n+1, then retire what step n's tokens finished.
 
         Structured output (matchers): a constrained row's mask for step n+1 needs step n's token, so a step
@@ -193,9 +192,7 @@ class Engine:
             scheduler.finish(seq)
             if matchers is not None:
                 matchers.release([seq.index])
-            bar.update(1)
-            if callback is not None:
-                callback(1, len(seq.output))
+            bar.update(1, len(seq.output))
 
         while True:
             launched, retried = None, False
@@ -203,8 +200,6 @@ class Engine:
                 with phase("engine.schedule"):
                     batch = scheduler.schedule()
                 bar.update(len(batch.failed))
-                if callback is not None and batch.failed:
-                    callback(len(batch.failed), 0)
                 if batch.num_tokens:
                     with phase("engine.launch"):
                         launched = self._launch(scheduler, batch, in_flight, matchers)
@@ -285,6 +280,19 @@ class Engine:
         if pages < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV page of {per_page} bytes")
         return pages
+
+
+@dataclass
+class _RowProgress:
+    """The tqdm bar and the caller's `progress(rows, output_tokens)` callback, updated together as rows finish."""
+
+    bar: tqdm
+    callback: Callable[[int, int], None] | None = None
+
+    def update(self, rows: int, output_tokens: int = 0) -> None:
+        self.bar.update(rows)
+        if self.callback is not None and rows:
+            self.callback(rows, output_tokens)
 
 
 @dataclass
