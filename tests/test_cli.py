@@ -40,11 +40,11 @@ def read(path) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("src,dst", [("in.parquet", "out.csv"), ("in.csv", "out.jsonl"), ("in.jsonl", "out.parquet")])
-def test_generate_every_format_with_progress_and_summary(tiny_llama_dir, tmp_path, capsys, src, dst):
+def test_generate_every_format_on_the_embedded_model_with_progress_and_summary(tmp_path, capsys, src, dst):
     df = frame()
     write(df, tmp_path / src)
-    rc = cli.main(["generate", str(tmp_path / src), str(tmp_path / dst), "--model", str(tiny_llama_dir),
-                   "--scheduler", "threads", "--npartitions", "2", *RUN])
+    rc = cli.main(["generate", str(tmp_path / src), str(tmp_path / dst),  # no --model: the embedded one
+                   "--scheduler", "threads", "--npartitions", "2", "--ignore-eos", *RUN])
     captured = capsys.readouterr()
     assert rc == 0
     out = read(tmp_path / dst).sort_values("id").reset_index(drop=True)
