@@ -7,7 +7,8 @@
 
 Importing registers the `.llm` accessor on pandas and Dask DataFrames and
 Series.  The engine (and torch) is imported only when first used: `Engine`,
-`SamplingParams`, `EngineConfig` and `default_model_path` are resolved lazily.
+`SamplingParams`, `EngineConfig`, `default_model_path`, `embedded_model_path`, `JobStats` and
+`PlanReport` are resolved lazily.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .caches import engine_loads
 from .worker import gpu_resources
 
 __all__ = ["Engine", "SamplingParams", "EngineConfig", "Completion", "generate", "default_model_path",
+           "embedded_model_path", "JobStats", "PlanReport",
            "gpu_resources", "engine_loads", "LLMAccessor", "LLMSeriesAccessor"]
 
 _LAZY = {
@@ -26,6 +28,9 @@ _LAZY = {
     "SamplingParams": ("batchllm_dask.engine.config", "SamplingParams"),
     "EngineConfig": ("batchllm_dask.engine.config", "EngineConfig"),
     "default_model_path": ("batchllm_dask.engine.default_model", "default_model_path"),
+    "embedded_model_path": ("batchllm_dask.engine.embedded", "embedded_model_path"),
+    "JobStats": ("batchllm_dask.stats", "JobStats"),
+    "PlanReport": ("batchllm_dask.plan_report", "PlanReport"),
 }
 
 

@@ -111,7 +111,8 @@ def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "complet
     prompt_col: a column of text, of token-id lists, or of chat messages
         (lists of {"role", "content"} dicts); `chat=True` wraps text rows as
         one user message; messages go through the tokenizer's chat template.
-    model: a local Hugging Face checkpoint directory, loaded once per worker process.
+    model: a local Hugging Face checkpoint directory or a GGUF file (converted once, engine/model_cache.py),
+        loaded once per worker process.
     options: `SamplingParams` fields (max_tokens, temperature, top_p, top_k,
         seed, stop, stop_token_ids, ignore_eos; one constraint of json_schema,
         regex, choice) and `EngineConfig` fields (dtype, device, kv_cache_bytes,
@@ -194,6 +195,23 @@ class LLMAccessor:
         if not _is_dask(self._obj):
             raise TypeError("plan() shows how a Dask DataFrame is partitioned; a pandas frame runs as one batch")
         return plan(self._obj, prompt_col, model, chat=chat, max_tokens=max_tokens, npartitions=npartitions)
+
+    def plan_report(self, prompt_col: str, model: str, *, chat: bool = False, max_tokens: int = 16,
+                    npartitions: int | None = None, device: str = "h100") -> Any:
+        """What `generate` will cost, computed now without loading weights; see `plan_report.plan_report`."""
+        if not _is_dask(self._obj):
+            raise TypeError("plan_report() plans a Dask DataFrame; wrap a pandas frame with dd.from_pandas")
+        from .plan_report import plan_report
+        return plan_report(self._obj, prompt_col, model, chat=chat, max_tokens=max_tokens,
+                           npartitions=npartitions, device=device)
+
+    def stats(self, wall_seconds: float | None = None) -> Any:
+        """`JobStats` of a generate() result: rows, errors by kind, prompt tokens computed after sharing, ...
+
+        On a Dask result it computes the columns it needs: call it on a persisted or re-read result.
+        """
+        from .stats import job_stats
+        return job_stats(self._obj, wall_seconds)
 
 
 class LLMSeriesAccessor:

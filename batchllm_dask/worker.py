@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from .caches import EngineSpec, engine_loads, engine_stats, get_engine  # noqa: F401 - re-exported
+from . import progress
 from .json_columns import add_field_columns
 from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays, tokenize_rows
 
@@ -53,9 +54,10 @@ def generate_rows(part: pd.DataFrame, ids: list[Any], errors: list[Any], spec: E
         cached = get_engine(spec)
         prompts = [ids[i] for i in todo]  # lists or numpy arrays: the engine checks and converts them once
         with cached.lock, profiler_paused():
-            outs = cached.engine.generate(prompts, sampling)
+            outs = cached.engine.generate(prompts, sampling, progress=progress.count)
         for i, out in zip(todo, outs):
             results[i] = out
+    progress.count(len(part) - len(todo), 0)  # rows that never reached the engine are finished too
     return part.assign(**with_schema_fields(result_columns(part.index, results, errors, output_col), sampling,
                                             output_col))
 
@@ -137,6 +139,8 @@ def result_columns(index: pd.Index, results: list[Any], errors: list[Any], outpu
         output_col: col([r.text if r is not None and r.finish_reason != "error" else None for r in results], "str"),
         "prompt_tokens": col([r.prompt_tokens if k else 0 for r, k in zip(results, ok)], "int64"),
         "completion_tokens": col([r.completion_tokens if k else 0 for r, k in zip(results, ok)], "int64"),
+        # prompt tokens read from a shared prefix another row of the partition computed (see Completion)
+        "cached_tokens": col([r.cached_tokens if k else 0 for r, k in zip(results, ok)], "int64"),
         "finish_reason": col([r.finish_reason if k else "error" for r, k in zip(results, ok)], "str"),
         "error": col([r.error if k else e for r, k, e in zip(results, ok, errors)], "str"),
     }

@@ -53,7 +53,7 @@ def test_cli_generate_reads_and_writes_parquet(tiny_llama_dir, tmp_path, capsys)
     out = pd.read_parquet(tmp_path / "out").sort_index()
     assert code == 0 and len(out) == 3
     assert out["finish_reason"].tolist()[:2] != ["error", "error"] and out["finish_reason"].iloc[2] == "error"
-    assert "3 rows" in capsys.readouterr().out
+    assert "rows                   3 (2 completed, 1 errors)" in capsys.readouterr().out
 
 
 def test_cli_demo_runs_the_default_model_and_prints_throughput(capsys):

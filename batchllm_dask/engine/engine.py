@@ -23,7 +23,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .config import EngineConfig, SamplingParams
 from .inputs import PreparedPrompt, prepare_prompt, sampling_list
 from .kv_cache import PageAllocator, kv_bytes_per_page, kv_shortage_message, pages_for
+from .model_cache import checkpoint_dir
 from .loader import eos_token_ids, load_checkpoint, load_tokenizer, max_model_len
 from .outputs import Completion, GenerationStats
 from .parallel import RankGroup, load_shard
@@ -51,6 +52,7 @@ _MIN_OOM_BUDGET = 16  # the smallest token budget an out-of-memory retry goes do
 
 _CPU_KV_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class Engine:
@@ -80,6 +82,7 @@ class Engine:
         self.device = self.group.device if self.group is not None else torch.device(
             self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device)
+        self.model_path = checkpoint_dir(self.model_path, _DTYPE_NAMES[self.dtype])  # a GGUF file: its cached conversion
         if self.group is not None:
             self.model, self.args = load_shard(self.model_path, self.dtype, self.device, self.group)
         else:
@@ -107,10 +110,12 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 progress: bool | None = None) -> list[Completion]:
+                 progress: bool | Callable[[int, int], None] | None = None) -> list[Completion]:
         """Complete every prompt; results in the order of `prompts`.
 
         A bad prompt gets finish_reason "error" and a message; the others run.
+        progress: True for a tqdm bar (default `EngineConfig.progress`), or a callable called as
+        `progress(rows, output_tokens)` each time rows finish (a Dask job's progress bar sums these).
         """
         if self._ranks is not None:  # every rank runs the same call (parallel.py)
             return self._ranks.run(self._generate, prompts, sampling, progress)
@@ -127,8 +132,10 @@ class Engine:
         plan = self._plan([prepared[i].token_ids for i in valid])
         requests = self._make_requests(plan, valid, prepared, params)
         matchers = self.grammars.start({seq.index: seq.params for seq in requests})  # None: nothing constrained
-        show = self.config.progress if progress is None else progress
-        with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as bar:
+        callback = progress if callable(progress) else None
+        show = self.config.progress if progress is None else bool(progress) and callback is None
+        with tqdm(total=len(prompts), disable=not show, desc="generate", unit="req") as tqdm_bar:
+            bar = _RowProgress(tqdm_bar, callback)
             bar.update(len(prompts) - len(valid))
             scheduler, count = self._run(requests, bar, matchers)
         for seq in requests:
@@ -203,7 +210,7 @@ class Engine:
         return requests
 
     # -- the loop --------------------------------------------------------------------------
-    def _run(self, requests: list[RequestSeq], bar: tqdm,
+    def _run(self, requests: list[RequestSeq], bar: _RowProgress,
              matchers: GrammarMatchers | None = None) -> tuple[Scheduler, _LoopCounters]:
         """Run every request to the end: launch step n+1, then retire what step n's tokens finished.
 
@@ -221,7 +228,7 @@ class Engine:
             scheduler.finish(seq)
             if matchers is not None:
                 matchers.release([seq.index])
-            bar.update(1)
+            bar.update(1, len(seq.output))
 
         while True:
             launched, retried = None, False
@@ -311,6 +318,19 @@ class Engine:
         if pages < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes hold no KV page of {per_page} bytes")
         return pages
+
+
+@dataclass
+class _RowProgress:
+    """The tqdm bar and the caller's `progress(rows, output_tokens)` callback, updated together as rows finish."""
+
+    bar: tqdm
+    callback: Callable[[int, int], None] | None = None
+
+    def update(self, rows: int, output_tokens: int = 0) -> None:
+        self.bar.update(rows)
+        if self.callback is not None and rows:
+            self.callback(rows, output_tokens)
 
 
 @dataclass
