@@ -294,8 +294,31 @@ def _group_order(own: pd.DataFrame, parents: dict[int, int]) -> list[int]:
     return sorted(own.index.get_level_values("hash").unique().tolist(), key=chain)
 
 
-def build_plan(stats: pd.DataFrame, npartitions: int, max_tokens: int, block: int) -> PrefixPlan:
-    """Reduce every partition's prefix counts to the global `PrefixPlan`."""
+DEFAULT_PARTITION_TOKENS = 4_000_000
+"""Default bound on one partition's estimated cost (prompt tokens after sharing plus max_tokens per row).
+
+One partition is one `Engine.generate` call: its rows are lost together when a
+worker dies, held together in memory, and written together to a checkpoint.
+Four million cost tokens is a few minutes of an 8B model on one H100/H200
+(about a million decode tokens and the prompts' prefill), while the tail of a
+call (the last requests decoding at a small batch) stays a small share of it.
+"""
+
+
+def partition_count(total_cost: float, npartitions: int, partition_tokens: int | None) -> int:
+    """At least `npartitions` (one per GPU worker), and enough that none costs more than `partition_tokens`."""
+    if partition_tokens is None:
+        return npartitions
+    return max(npartitions, math.ceil(total_cost / partition_tokens))
+
+
+def build_plan(stats: pd.DataFrame, npartitions: int, max_tokens: int, block: int,
+               partition_tokens: int | None = None) -> PrefixPlan:
+    """Reduce every partition's prefix counts to the global `PrefixPlan`.
+
+    npartitions: the fewest output partitions (one per GPU worker); with `partition_tokens` the plan has more
+    where the job's estimated cost needs them (`partition_count`).
+    """
     stats = stats.astype("int64")
     nodes = stats[stats["hash"] != 0]
     glob = nodes.groupby("hash").agg(count=("count", "sum"), parent=("parent", "first"))
@@ -309,6 +332,7 @@ def build_plan(stats: pd.DataFrame, npartitions: int, max_tokens: int, block: in
     per_key = own.reset_index().groupby("hash")["cost"].sum().to_dict()
     order = _group_order(own, parents)
     total = sum(lengths[k] + per_key[k] for k in order) + float(unshared_cost.sum())
+    npartitions = partition_count(total, npartitions, partition_tokens)
     partition_cost = max(total / npartitions, 1e-9)
     groups: dict[int, PrefixGroup] = {}
     start = 0.0

@@ -17,6 +17,7 @@ import pandas as pd
 from .caches import EngineSpec, engine_loads, engine_stats, get_engine  # noqa: F401 - re-exported
 from . import progress
 from .json_columns import add_field_columns
+from .row_sampling import per_row_sampling
 from .planning import ERROR, TOKENS, drop_internal, restore_index, token_arrays, tokenize_rows
 
 
@@ -29,9 +30,10 @@ def run_partition(part: pd.DataFrame, spec: EngineSpec, sampling: Any, output_co
     `index_names` is given, the original index (stashed by the planner before
     the shuffle) is restored.
     """
-    out = generate_rows(drop_internal(part), token_arrays(part[TOKENS]), part[ERROR].tolist(), spec, sampling,
-                        output_col)
-    return restore_index(out, index_names) if index_names is not None else out
+    rows = drop_internal(part)
+    if index_names is not None:  # first: a sampled row's seed comes from its own index (row_sampling.py)
+        rows = restore_index(rows, index_names)
+    return generate_rows(rows, token_arrays(part[TOKENS]), part[ERROR].tolist(), spec, sampling, output_col)
 
 
 def generate_partition(part: pd.DataFrame, prompt_col: str, spec: EngineSpec, sampling: Any, chat: bool,
@@ -45,16 +47,22 @@ def generate_partition(part: pd.DataFrame, prompt_col: str, spec: EngineSpec, sa
 
 
 def generate_rows(part: pd.DataFrame, ids: list[Any], errors: list[Any], spec: EngineSpec, sampling: Any,
-                  output_col: str) -> pd.DataFrame:
+                  output_col: str, row_keys: Any = None) -> pd.DataFrame:
     """`part` plus the completion columns (and, with a JSON schema, its fields): rows without an error go
-    to one `Engine.generate` call, the rest keep their error."""
+    to one `Engine.generate` call, the rest keep their error.
+
+    A sampled row is seeded from its index value (`row_sampling`), so its completion does not depend on
+    the partition it ran in; `row_keys` replaces the index as that key (Spark, which has no index).
+    """
     todo = [i for i, e in enumerate(errors) if not isinstance(e, str)]
     results: list[Any] = [None] * len(part)
     if todo:
         cached = get_engine(spec)
         prompts = [ids[i] for i in todo]  # lists or numpy arrays: the engine checks and converts them once
+        params = per_row_sampling(sampling, part.index if row_keys is None else row_keys)
+        params = params if not isinstance(params, list) else [params[i] for i in todo]
         with cached.lock, profiler_paused():
-            outs = cached.engine.generate(prompts, sampling, progress=progress.count)
+            outs = cached.engine.generate(prompts, params, progress=progress.count)
         for i, out in zip(todo, outs):
             results[i] = out
     progress.count(len(part) - len(todo), 0)  # rows that never reached the engine are finished too
