@@ -33,7 +33,10 @@ The pipeline is the Dask one (planning.py), with Spark's operators in Dask's pla
 Every stage runs a single Python function per task: Spark starts one Python worker for each
 `mapInPandas` of a stage, side by side, so chained ones would multiply the workers (each with its
 tokenizer, and perhaps an engine).  An executor thus holds one Python worker per task it runs at
-once: with one task per GPU (below), one worker and one engine per GPU.
+once: with one task per GPU (below), one worker and one engine per GPU.  Spark owns the workers'
+lifetimes: it stops those idle for a minute and may fork a fresh one for a task while another is
+idle; a new worker loads the engine once more (`spark.python.factory.idleWorkerMaxPoolSize=1` keeps
+one idle worker, and so one engine, per task slot).
 
 Output: the input's columns plus the completion columns of the Dask path (`worker.result_meta`),
 under an explicit Spark schema (`result_schema`): `completion` and `finish_reason` and `error`
@@ -59,13 +62,17 @@ puts the GPU request on the generation stage alone, through stage-level scheduli
 standalone; with dynamic allocation it runs on executors of that profile, whose Python workers serve
 only generation), leaving tokenizing and statistics on CPU slots.
 
-Checkpoint and resume: not a `checkpoint=` option as on Dask (issue 11, `checkpoint.py`).  Spark's
-own mechanisms serve: a failed task is re-run by Spark from its inputs, alone; the output is written
-per partition (`out.write.parquet(path)`), each task's file committed when it finishes; and a job
-stopped half-way resumes by an anti-join of the input against the rows already written:
-    done = spark.read.parquet("answers/part1").select("id")
-    generate(sdf.join(done, "id", "left_anti"), "prompt", model=M).write.parquet("answers/part2")
-(`key_col="id"` keeps sampled rows as they would have been.)  `generate(..., checkpoint=...)` raises.
+Checkpoint and resume: not a `checkpoint=` option as on Dask (issue 11, `checkpoint.py`); Spark's own
+mechanisms serve.  A failed task is re-run by Spark alone (`spark.task.maxFailures`) from its shuffle
+input, so a lost executor costs only its partitions.  A job stopped as a whole publishes nothing (the
+output committer moves the task files at job end), so a long job runs in slices, each written by its
+own job, and resumes by an anti-join of the input against the rows written:
+    for k in range(8):   # each slice is planned on its own: keep slices large
+        rows = sdf.where(F.pmod(F.hash("id"), 8) == k)
+        generate(rows, "prompt", model=M, key_col="id").write.mode("append").parquet("answers/")
+    done = spark.read.parquet("answers/").select("id")                  # after a stop
+    generate(sdf.join(done, "id", "left_anti"), "prompt", model=M, key_col="id").write.mode("append")...
+(`key_col` keeps sampled rows what they would have been.)  `generate(..., checkpoint=...)` raises TypeError.
 """
 from __future__ import annotations
 
@@ -108,7 +115,7 @@ def generate(sdf: DataFrame, prompt_col: str, model: str, *, output_col: str = "
              checkpoint: Any = None, **options: Any) -> DataFrame:
     """Every row's completion of `sdf[prompt_col]`: a Spark DataFrame (see the module docstring).
 
-    prompt_col: text, token ids (array of integers) or chat messages (array of struct<role, content>).
+    prompt_col: text or token ids (an array of integers).
     model, chat, output_col, options: as `batchllm_dask.generate` (sampling and engine options,
         validated here on the driver: ValueError or TypeError naming the option before any job runs).
     npartitions: the fewest output partitions (default `default_npartitions`, one per GPU task slot);
@@ -121,8 +128,8 @@ def generate(sdf: DataFrame, prompt_col: str, model: str, *, output_col: str = "
     """
     if checkpoint is not None:
         raise TypeError("checkpoint: not supported by the Spark path; Spark re-runs failed tasks itself, "
-                        "out.write.parquet(path) commits each partition, and a stopped job resumes with a "
-                        "left_anti join of the input against the rows written (batchllm_dask.spark docstring)")
+                        "a long job runs in slices, each its own write, and resumes with a left_anti join of the "
+                        "input against the rows written (recipe: the batchllm_dask.spark docstring, README ## Spark)")
     sampling, spec = _check(sdf, prompt_col, model, output_col, chat, npartitions, key_col, options)
     if sampling.json_schema is not None:
         check_field_names(sampling.json_schema, [*sdf.columns, *result_meta(pd.DataFrame(), output_col).columns])

@@ -32,14 +32,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:PySpark does 
 
 @pytest.fixture(scope="module")
 def spark():
-    t0 = time.perf_counter()
     os.environ["PYSPARK_PYTHON"] = sys.executable  # the workers run this interpreter (and inherit TRITON_INTERPRET)
     session = (SparkSession.builder.master("local[2]").appName("batchllm-dask-tests")
                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.shuffle.partitions", "2").config("spark.driver.host", "127.0.0.1")
                .getOrCreate())
     session.sparkContext.setLogLevel("ERROR")
-    print(f"TIMING session {time.perf_counter() - t0:.1f}")
     yield session
     session.stop()
 
@@ -69,15 +67,11 @@ def to_spark(spark, df: pd.DataFrame, partitions: int = 3):
 def greedy_results(spark, model):
     """(input, Spark result, Dask result, direct engine outputs), all by id, computed once."""
     df = prompts()
-    t0 = time.perf_counter()
     out = bspark.generate(to_spark(spark, df), "prompt", model, npartitions=2, **GREEDY, **ENGINE)
     got = out.toPandas().set_index("id").loc[df["id"]]
-    t1 = time.perf_counter()
     ddf = dd.from_pandas(df.set_index("id"), npartitions=2)
     on_dask = ddf.llm.generate("prompt", model, npartitions=2, **GREEDY, **ENGINE).compute().loc[df["id"]]
-    t2 = time.perf_counter()
     direct = Engine(model, **ENGINE).generate(df["prompt"].tolist(), SamplingParams(**GREEDY))
-    print(f"TIMING spark {t1-t0:.1f} dask {t2-t1:.1f} direct {time.perf_counter()-t2:.1f}")
     return df.set_index("id"), got, on_dask, direct, out
 
 
@@ -207,18 +201,28 @@ def test_example_script_labels_every_review(spark, tiny_llama_dir, tmp_path, cap
     assert spark.sparkContext._jsc is not None  # the example used the running session and left it running
 
 
-def test_the_engine_is_loaded_once_per_python_worker_and_reused(spark, greedy_results):
+def worker_reports(spark) -> pd.DataFrame:
+    """`worker_report()` of the Python workers (by pid): 2 tasks per slot, each long enough that both slots' run at once."""
     def report(_batches):  # nested: cloudpickle sends it by value (the workers cannot import this test module)
-        time.sleep(0.5)  # keep both task slots busy at once, so that both Python workers answer
+        time.sleep(0.5)
         yield pd.DataFrame([bspark.worker_report()])
-    probe = T.StructType([T.StructField(c, T.LongType()) for c in ("pid", "engine_loads", "partitions_run")])
-    sc = spark.sparkContext
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reports = spark.range(0, 4, numPartitions=4).mapInPandas(report, probe).toPandas()
-    workers = reports.drop_duplicates("pid").set_index("pid")
-    assert sc.getConf().get("spark.python.worker.reuse", "true") == "true"
-    ran = workers[workers["partitions_run"] > 0]
-    assert len(ran) >= 1 and (ran["engine_loads"] == 1).all()  # loaded once, by a worker's first partition
-    assert (workers.loc[workers["partitions_run"] == 0, "engine_loads"] == 0).all()
-    assert ran["partitions_run"].sum() > len(ran)  # a worker ran several partitions on its one engine
+    schema = T.StructType([T.StructField(c, T.LongType()) for c in ("pid", "engine_loads", "partitions_run")])
+    reports = spark.range(0, 4, numPartitions=4).mapInPandas(report, schema).toPandas()
+    return reports.drop_duplicates("pid").set_index("pid")
+
+
+def test_the_engine_is_loaded_once_per_python_worker_and_reused(spark, model):
+    engine = {**ENGINE, "kv_cache_bytes": 24 << 20}  # a spec no other test uses: each worker builds it anew
+    assert spark.sparkContext.getConf().get("spark.python.worker.reuse", "true") == "true"
+    before = worker_reports(spark)
+    df = prompts().iloc[[0, 1, 8, 9, 12, 13]]
+    out = bspark.generate(to_spark(spark, df, 2), "prompt", model, npartitions=4, **GREEDY, **engine)
+    tasks = out.withColumn("task", F.spark_partition_id()).toPandas()["task"]
+    assert len(tasks) == len(df) and tasks.nunique() >= 3  # each planned partition is one task
+    after = worker_reports(spark)
+    delta = after - before.reindex(after.index, fill_value=0)
+    ran = delta["partitions_run"] > 0
+    assert delta.loc[ran, "partitions_run"].sum() == tasks.nunique()  # the probe reached every worker that ran one
+    assert (delta.loc[ran, "engine_loads"] == 1).all()  # each built the engine once, for its first partition
+    assert (delta.loc[~ran, "engine_loads"] == 0).all()
+    assert ran.sum() < tasks.nunique()  # fewer workers than partitions: a worker ran several on its one engine
