@@ -169,8 +169,8 @@ def default_npartitions(spark: SparkSession) -> int:
             return float(spark.conf.get(key, "0") or 0)
         except (ValueError, TypeError):
             return 0.0
-    executors, exec_gpus, task_gpus = (conf(f"spark.{k}") for k in
-                                       ("executor.instances", "executor.resource.gpu.amount", "task.resource.gpu.amount"))
+    executors, exec_gpus, task_gpus = (conf(f"spark.{k}") for k in ("executor.instances",
+                                       "executor.resource.gpu.amount", "task.resource.gpu.amount"))
     if executors and exec_gpus and task_gpus:
         return max(1, int(executors) * int(exec_gpus // task_gpus))
     try:

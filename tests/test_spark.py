@@ -9,7 +9,6 @@ import importlib.util
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -202,12 +201,12 @@ def test_example_script_labels_every_review(spark, tiny_llama_dir, tmp_path, cap
 
 
 def worker_reports(spark) -> pd.DataFrame:
-    """`worker_report()` of the Python workers (by pid): 2 tasks per slot, each long enough that both slots' run at once."""
+    """`worker_report()` of the idle Python workers, by pid: one task per slot, long enough that both run at once."""
     def report(_batches):  # nested: cloudpickle sends it by value (the workers cannot import this test module)
-        time.sleep(0.5)
+        time.sleep(1.0)
         yield pd.DataFrame([bspark.worker_report()])
     schema = T.StructType([T.StructField(c, T.LongType()) for c in ("pid", "engine_loads", "partitions_run")])
-    reports = spark.range(0, 4, numPartitions=4).mapInPandas(report, schema).toPandas()
+    reports = spark.range(0, 2, numPartitions=2).mapInPandas(report, schema).toPandas()
     return reports.drop_duplicates("pid").set_index("pid")
 
 
