@@ -64,18 +64,31 @@ def to_spark(spark, df: pd.DataFrame, partitions: int = 3):
 
 @pytest.fixture(scope="module")
 def greedy_results(spark, model):
-    """(input, Spark result, Dask result, direct engine outputs), all by id, computed once."""
+    """(input, Spark result, Dask result, direct engine outputs, the result DataFrame, tasks, Python workers'
+    reports before and after), computed once: the Spark job is the module's first to generate."""
     df = prompts()
-    out = bspark.generate(to_spark(spark, df), "prompt", model, npartitions=2, **GREEDY, **ENGINE)
-    got = out.toPandas().set_index("id").loc[df["id"]]
+    before = worker_reports(spark)
+    out = bspark.generate(to_spark(spark, df), "prompt", model, npartitions=3, **GREEDY, **ENGINE)
+    got = out.withColumn("_task", F.spark_partition_id()).toPandas().set_index("id").loc[df["id"]]
+    after = worker_reports(spark)
     ddf = dd.from_pandas(df.set_index("id"), npartitions=2)
     on_dask = ddf.llm.generate("prompt", model, npartitions=2, **GREEDY, **ENGINE).compute().loc[df["id"]]
     direct = Engine(model, **ENGINE).generate(df["prompt"].tolist(), SamplingParams(**GREEDY))
-    return df.set_index("id"), got, on_dask, direct, out
+    return df.set_index("id"), got.drop(columns="_task"), on_dask, direct, out, got["_task"], before, after
+
+
+def worker_reports(spark) -> pd.DataFrame:
+    """`worker_report()` of the idle Python workers, by pid: one task per slot, long enough that both run at once."""
+    def report(_batches):  # nested: cloudpickle sends it by value (the workers cannot import this test module)
+        time.sleep(1.0)
+        yield pd.DataFrame([bspark.worker_report()])
+    schema = T.StructType([T.StructField(c, T.LongType()) for c in ("pid", "engine_loads", "partitions_run")])
+    reports = spark.range(0, 2, numPartitions=2).mapInPandas(report, schema).toPandas()
+    return reports.drop_duplicates("pid").set_index("pid")
 
 
 def test_completions_match_the_dask_path_and_the_direct_engine_row_for_row(greedy_results):
-    df, got, on_dask, direct, _ = greedy_results
+    df, got, on_dask, direct = greedy_results[:4]
     assert len(got) == len(df) and got.index.is_unique  # rows in, equal rows out
     assert got["prompt"].fillna("<null>").tolist() == df["prompt"].fillna("<null>").tolist()
     ok = got["finish_reason"] != "error"
@@ -88,7 +101,7 @@ def test_completions_match_the_dask_path_and_the_direct_engine_row_for_row(greed
 
 def test_rows_sharing_a_prefix_run_in_one_spark_partition(spark, model, greedy_results):
     df = prompts()
-    view = bspark.plan(to_spark(spark, df), "prompt", model, npartitions=2, max_tokens=4)
+    view = bspark.plan(to_spark(spark, df), "prompt", model, npartitions=3, max_tokens=4)
     planned = view.withColumn("task", F.spark_partition_id()).toPandas()
     assert sorted(planned["id"]) == sorted(df["id"]) and (planned["task"] == planned["partition"]).all()
     shared = planned[planned["prefix_key"] != 0]
@@ -110,7 +123,7 @@ def test_a_group_larger_than_a_partition_is_split_and_partitions_balanced(spark,
 
 
 def test_bad_rows_carry_the_error_as_on_dask(greedy_results):
-    df, got, on_dask, _, _ = greedy_results
+    df, got, on_dask = greedy_results[:3]
     bad = df["prompt"].isna() | (df["prompt"] == "") | (df["prompt"].str.len() > 2000)
     assert (got.loc[bad, "finish_reason"] == "error").all() and got.loc[bad, "completion"].isna().all()
     assert got.loc[bad, "error"].tolist() == on_dask.loc[bad, "error"].tolist()
@@ -126,7 +139,7 @@ def test_a_non_text_prompt_column_gives_every_row_the_dask_error(spark, model):
 
 
 def test_the_schema_is_explicit_and_matches_the_columns(greedy_results):
-    _, got, _, _, out = greedy_results
+    got, out = greedy_results[1], greedy_results[4]
     types = {f.name: type(f.dataType).__name__ for f in out.schema.fields}
     assert types == {"id": "LongType", "prompt": "StringType", "completion": "StringType",
                      "prompt_tokens": "LongType", "completion_tokens": "LongType", "cached_tokens": "LongType",
@@ -200,28 +213,13 @@ def test_example_script_labels_every_review(spark, tiny_llama_dir, tmp_path, cap
     assert spark.sparkContext._jsc is not None  # the example used the running session and left it running
 
 
-def worker_reports(spark) -> pd.DataFrame:
-    """`worker_report()` of the idle Python workers, by pid: one task per slot, long enough that both run at once."""
-    def report(_batches):  # nested: cloudpickle sends it by value (the workers cannot import this test module)
-        time.sleep(1.0)
-        yield pd.DataFrame([bspark.worker_report()])
-    schema = T.StructType([T.StructField(c, T.LongType()) for c in ("pid", "engine_loads", "partitions_run")])
-    reports = spark.range(0, 2, numPartitions=2).mapInPandas(report, schema).toPandas()
-    return reports.drop_duplicates("pid").set_index("pid")
-
-
-def test_the_engine_is_loaded_once_per_python_worker_and_reused(spark, model):
-    engine = {**ENGINE, "kv_cache_bytes": 24 << 20}  # a spec no other test uses: each worker builds it anew
+def test_the_engine_is_loaded_once_per_python_worker_and_reused(spark, greedy_results):
     assert spark.sparkContext.getConf().get("spark.python.worker.reuse", "true") == "true"
-    before = worker_reports(spark)
-    df = prompts().iloc[[0, 1, 8, 9, 12, 13]]
-    out = bspark.generate(to_spark(spark, df, 2), "prompt", model, npartitions=4, **GREEDY, **engine)
-    tasks = out.withColumn("task", F.spark_partition_id()).toPandas()["task"]
-    assert len(tasks) == len(df) and tasks.nunique() >= 3  # each planned partition is one task
-    after = worker_reports(spark)
+    tasks, before, after = greedy_results[5:]
+    assert tasks.nunique() == 3  # each planned partition is one task, 3 of them on 2 task slots
     delta = after - before.reindex(after.index, fill_value=0)
     ran = delta["partitions_run"] > 0
-    assert delta.loc[ran, "partitions_run"].sum() == tasks.nunique()  # the probe reached every worker that ran one
+    assert delta.loc[ran, "partitions_run"].sum() == 3  # the probe reached every worker that ran one
     assert (delta.loc[ran, "engine_loads"] == 1).all()  # each built the engine once, for its first partition
     assert (delta.loc[~ran, "engine_loads"] == 0).all()
-    assert ran.sum() < tasks.nunique()  # fewer workers than partitions: a worker ran several on its one engine
+    assert ran.sum() < 3  # fewer workers than partitions: a worker ran several on its one engine
