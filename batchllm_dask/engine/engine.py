@@ -14,8 +14,11 @@ requests carry placeholders meanwhile).  The GPU always has the next step
 queued; the host's scheduling, input building and stop checks hide behind it.
 
 A CUDA out-of-memory error while a step is launched is caught: nothing of the
-step is committed, the token budget is halved, and the work is scheduled again
-in smaller steps (counted in `GenerationStats.oom_retries`).
+step is committed, the token budget becomes half the failed step's tokens
+(decodes included: the scheduler then runs at most that many per step), and
+the work is scheduled again in smaller steps (counted in
+`GenerationStats.oom_retries`).  The smaller budget lasts for the rest of the
+call; the next `generate` starts from the full one again.
 """
 from __future__ import annotations
 
@@ -280,7 +283,7 @@ class Engine:
 
     def _launch(self, scheduler: Scheduler, batch: StepBatch, in_flight: _InFlight | None,
                 matchers: GrammarMatchers | None) -> _InFlight | None:
-        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the budget and return None.
+        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the step's size and return None.
 
         The step is sampled at once unless one of its rows is constrained (see `_run`).
         """
@@ -290,8 +293,12 @@ class Engine:
         except torch.OutOfMemoryError:
             if scheduler.max_batched_tokens <= _MIN_OOM_BUDGET or self.group is not None:  # ranks would disagree
                 raise
-            torch.cuda.empty_cache()
-            scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, scheduler.max_batched_tokens // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # Half of what failed, not of the budget: a step smaller than the budget (the tail of a call) must shrink
+            # too.  The scheduler keeps every later step of this call under it, decodes included.
+            failed = min(scheduler.max_batched_tokens, batch.num_tokens)
+            scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, failed // 2)
             return None
         scheduler.commit(batch)
         seqs = [c.seq for c in batch.sampled]
