@@ -39,3 +39,17 @@ def test_smoke_run_writes_the_figures_and_finds_identical_tokens(tmp_path):
         assert v["identical_to_baseline"] and v["output_tokens"] > 0 and v["seconds"] > 0
         assert {"bound_seconds", "share_of_bound", "vs_baseline", "output_tokens_per_s"} <= v.keys()
     assert set(kv["slowdown"]) == {"KV / 10, reserve 1", "KV / 10, reserve 0"}
+
+
+@pytest.mark.slow
+def test_a_later_run_compares_with_an_earlier_runs_single_call(tmp_path):
+    """--baseline: the split runs of a large model can be commands of their own, checked against the first's."""
+    first = main(["--smoke", "--variants", "split", "--partition-tokens", "", "--out", str(tmp_path / "a")])
+    assert [v["name"] for v in first["splitting"]["variants"]] == ["one call"]
+    bound = str(int(first["splitting"]["planned_cost_tokens"] / 3))
+    later = main(["--smoke", "--variants", "split", "--partition-tokens", bound, "--out", str(tmp_path / "b"),
+                  "--baseline", str(tmp_path / "a" / "bench_partitions_tiny.json")])
+    (variant,) = later["splitting"]["variants"]
+    assert variant["partitions"] >= 2 and variant["identical_to_baseline"] and later["tokens_identical"]
+    assert later["splitting"]["baseline"]["seconds"] == first["splitting"]["baseline"]["seconds"]
+    assert variant["vs_baseline"] == pytest.approx(variant["seconds"] / first["splitting"]["baseline"]["seconds"] - 1)

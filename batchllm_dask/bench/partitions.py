@@ -20,13 +20,25 @@
 
 Nothing here is a pass/fail test: it prints figures and writes JSON to --out (`bench_partitions_<model>.json`).
 
-    python -m batchllm_dask.bench.partitions --model llama-8b --variants split --out results/   # (a), ~8 min
-    python -m batchllm_dask.bench.partitions --model llama-8b --variants kv --out results/      # (b)
+    python -m batchllm_dask.bench.partitions --model llama-1b --out results/   # (a), (b) and (c) in one run
     python -m batchllm_dask.bench.partitions --smoke --out /tmp/p  # CPU: the script itself, tiny model (CI)
+
+On llama-8b the default bound needs a large workload to split at all (shared-instructions at scale 13:
+26,656 requests, 6.0M planned cost tokens, 2 partitions at 4M and 7 at 1M; 4.3M unique prompt tokens and
+1.7M output tokens), so each variant takes minutes; where one command may run 10 minutes, run them apart,
+the later ones against the first one's single call (`--baseline`, same model and scale):
+
+    python -m batchllm_dask.bench.partitions --model llama-8b --variants split --partition-tokens "" --out a/
+    python -m batchllm_dask.bench.partitions --model llama-8b --variants split --partition-tokens 4000000 \
+        --baseline a/bench_partitions_llama-8b.json --out b/
+    python -m batchllm_dask.bench.partitions --model llama-8b --variants split --partition-tokens 1000000 \
+        --baseline a/bench_partitions_llama-8b.json --out c/
+    python -m batchllm_dask.bench.partitions --model llama-8b --variants kv --kv-scale 1 --out d/
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -121,31 +133,63 @@ def run_parts(engine, reqs, parts: list[list[int]]) -> tuple[float, list[list[in
     return time.perf_counter() - start, tokens, totals
 
 
-def measure(name: str, engine, reqs, parts, shape: ModelShape, ceilings, baseline: tuple[float, list] | None):
-    """Run `reqs` as `parts` on `engine`; a `Variant` against the baseline (seconds, tokens), and its tokens."""
+def digests(tokens: list[list[int]]) -> list[str]:
+    """A short hash of each request's tokens: what a later run (--baseline) compares its tokens with."""
+    return [hashlib.sha1(np.asarray(t, dtype=np.int64).tobytes()).hexdigest()[:16] for t in tokens]
+
+
+@dataclass
+class Baseline:
+    """The single call's seconds and tokens (None when read from an earlier run's JSON: digests only)."""
+
+    seconds: float
+    digests: list[str]
+    tokens: list[list[int]] | None = None
+
+
+def measure(name: str, engine, reqs, parts, shape: ModelShape, ceilings,
+            baseline: Baseline | None) -> tuple[Variant, Baseline]:
+    """Run `reqs` as `parts` on `engine`: a `Variant` against `baseline` (itself when None), and its own run."""
     from .hf_anchor import agreement
     seconds, tokens, totals = run_parts(engine, reqs, parts)
+    mine = Baseline(seconds, digests(tokens), tokens)
+    base = baseline or mine
     out = summary(reqs)["output_tokens"]
     bound = lower_bound(shape, reqs, *ceilings)["seconds"]
-    base_seconds, base_tokens = baseline if baseline is not None else (seconds, tokens)
+    same = [a == b for a, b in zip(mine.digests, base.digests)]
+    agree = agreement(tokens, base.tokens) if base.tokens is not None else {"identical": sum(same) / len(same)}
     variant = Variant(name, len(reqs), len(parts), seconds, out, out / seconds, bound, bound / seconds,
-                      seconds / base_seconds - 1, totals["steps"], totals["preemptions"], totals["recomputed_tokens"],
-                      totals["oom_retries"], engine.num_kv_pages, totals["peak_kv_pages"], tokens == base_tokens,
-                      agreement(tokens, base_tokens))
+                      seconds / base.seconds - 1, totals["steps"], totals["preemptions"], totals["recomputed_tokens"],
+                      totals["oom_retries"], engine.num_kv_pages, totals["peak_kv_pages"],
+                      len(same) == len(reqs) and all(same), agree)
     complete = all(len(t) == r.max_tokens for t, r in zip(tokens, reqs))
     print(f"{name:26s} {len(parts):4d} part. {seconds:8.2f} s {out / seconds:9.0f} tok/s {bound / seconds:6.1%} of bound"
           f"  {variant.vs_baseline:+7.2%} vs one call  {totals['preemptions']:5d} preempt. "
           f"{totals['recomputed_tokens']:7d} recomputed  {'identical' if variant.identical_to_baseline else 'DIFFERENT'}"
           f"{'' if complete else '  INCOMPLETE'}", flush=True)
-    return variant, tokens
+    return variant, mine
 
 
 def splitting(engine, args, shape, ceilings) -> tuple[list[Variant], dict[str, Any], tuple]:
-    """(a): the single call, then the planner's partitions at each bound; also (reqs, baseline, its tokens)."""
+    """(a): the single call (or an earlier run's, --baseline), then the planner's partitions at each bound.
+
+    Also returns (reqs, the single call's Variant or None, its Baseline) for (b).
+    """
     reqs = make_workload(args.workload, shape.vocab, args.scale)
     whole, cost = planner_partitions(reqs, None)
-    base, base_tokens = measure("one call", engine, reqs, whole, shape, ceilings, None)
-    variants, info = [base], {"scale": args.scale, "requests": len(reqs), "planned_cost_tokens": cost, "bounds": {}}
+    info: dict[str, Any] = {"scale": args.scale, "requests": len(reqs), "planned_cost_tokens": cost, "bounds": {}}
+    if args.baseline:
+        saved = json.loads(Path(args.baseline).read_text())["splitting"]
+        if (saved["scale"], saved["requests"]) != (args.scale, len(reqs)):
+            raise SystemExit(f"--baseline {args.baseline}: scale {saved['scale']} and {saved['requests']} requests, "
+                             f"this run {args.scale} and {len(reqs)}")
+        base, variants = None, []
+        baseline = Baseline(saved["baseline"]["seconds"], saved["baseline"]["digests"])
+        print(f"one call: {baseline.seconds:.2f} s, from {args.baseline}", flush=True)
+    else:
+        base, baseline = measure("one call", engine, reqs, whole, shape, ceilings, None)
+        variants = [base]
+    info["baseline"] = {"seconds": baseline.seconds, "digests": baseline.digests}
     for bound in args.partition_tokens:
         parts, _ = planner_partitions(reqs, bound)
         label = "default" if bound == DEFAULT_PARTITION_TOKENS else f"{bound:,}"
@@ -154,21 +198,20 @@ def splitting(engine, args, shape, ceilings) -> tuple[list[Variant], dict[str, A
             print(f"partition bound {bound:,} ({label}): the workload's {cost:,.0f} cost tokens fit in one partition, "
                   f"nothing to measure", flush=True)
             continue
-        variant, _ = measure(f"partitions @ {label}", engine, reqs, parts, shape, ceilings,
-                             (base.seconds, base_tokens))
+        variant, _ = measure(f"partitions @ {label}", engine, reqs, parts, shape, ceilings, baseline)
         info["bounds"][str(bound)]["cost"] = variant.vs_baseline
         variants.append(variant)
-    return variants, info, (reqs, base, base_tokens)
+    return variants, info, (reqs, base, baseline)
 
 
 def kv_baseline(engine, args, shape, ceilings, split_baseline: tuple | None) -> tuple:
     """(b)'s reference: the single call at --kv-scale on the full pool ((a)'s own when the scale is the same)."""
-    if split_baseline is not None and args.kv_scale == args.scale:
+    if split_baseline is not None and split_baseline[1] is not None and args.kv_scale == args.scale:
         return split_baseline
     reqs = make_workload(args.workload, shape.vocab, args.kv_scale)
-    base, tokens = measure("one call (full KV pool)", engine, reqs, planner_partitions(reqs, None)[0], shape,
-                           ceilings, None)
-    return reqs, base, tokens
+    base, baseline = measure("one call (full KV pool)", engine, reqs, planner_partitions(reqs, None)[0], shape,
+                             ceilings, None)
+    return reqs, base, baseline
 
 
 def small_pools(path, options, baseline: tuple, page: tuple[int, int], shape, ceilings,
@@ -176,7 +219,7 @@ def small_pools(path, options, baseline: tuple, page: tuple[int, int], shape, ce
     """(b): the baseline's requests on engines whose KV pool is a tenth of the pages the baseline peaked at,
     with the default decode reserve and with none.  page: (bytes, tokens) of one KV page."""
     from ..engine import Engine
-    reqs, base, base_tokens = baseline
+    reqs, base, reference = baseline
     page_bytes, page_size = page
     largest = max(math.ceil((len(r.prompt_token_ids) + r.max_tokens) / page_size) for r in reqs)
     pages = max(base.peak_kv_pages // 10, largest)
@@ -190,7 +233,7 @@ def small_pools(path, options, baseline: tuple, page: tuple[int, int], shape, ce
         small = Engine(path, **{**options, "kv_cache_bytes": pages * page_bytes, "decode_reserve": reserve})
         warm_up(small, shape.vocab, workload)
         variant, _ = measure(f"KV / 10, reserve {reserve:g}", small, reqs, [list(range(len(reqs)))], shape,
-                             ceilings, (base.seconds, base_tokens))
+                             ceilings, reference)
         info["slowdown"][variant.name] = variant.seconds / base.seconds
         variants.append(variant)
         del small
@@ -216,9 +259,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scale", type=float, default=None,
                     help="workload scale for (a); default: the default bound splits it into 2 partitions")
     ap.add_argument("--kv-scale", type=float, default=1.0, help="workload scale for (b)")
-    ap.add_argument("--partition-tokens", type=ints, default=[DEFAULT_PARTITION_TOKENS, 1_000_000],
-                    help="partition bounds (cost tokens) to split at")
+    ap.add_argument("--partition-tokens", type=ints, default=None,
+                    help="partition bounds (cost tokens) to split at, comma-separated; default: the planner's "
+                         "default and 1,000,000 (--smoke: the default and one that splits the tiny workload)")
     ap.add_argument("--variants", type=names, default=["split", "kv"], help="split (a), kv (b), or both")
+    ap.add_argument("--baseline", default=None,
+                    help="an earlier run's JSON whose single call (same model and scale) (a) compares with, instead "
+                         "of running it again: on llama-8b the single call and the split runs take some 6 minutes "
+                         "each, so each can be its own command")
     ap.add_argument("--checkpoint", default=None, help="where to write (or find) the random-weight checkpoint")
     ap.add_argument("--option", action="append", default=[], help="an engine option NAME=VALUE (JSON value)")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny model, tiny workload, fp32")
@@ -238,7 +286,8 @@ def _setup(args) -> tuple[ModelShape, Path, dict, tuple[float, float]]:
         cost = planner_partitions(make_workload(SMOKE_WORKLOAD, shape.vocab, args.scale), None)[1]
         # The default bound cannot split a workload this small: it is kept (reported as not splitting) and two
         # bounds that do are added.
-        args.partition_tokens = [DEFAULT_PARTITION_TOKENS, int(cost / 2.5)]
+        if args.partition_tokens is None:
+            args.partition_tokens = [DEFAULT_PARTITION_TOKENS, int(cost / 2.5)]
         options = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 64 << 20, "page_size": 8}
         ceilings = (790e12, 4.3e12)  # nominal H200 figures: on the CPU the bound is only printed
     else:
@@ -249,6 +298,8 @@ def _setup(args) -> tuple[ModelShape, Path, dict, tuple[float, float]]:
         if args.scale is None:
             args.scale = auto_scale(args.workload, shape.vocab, DEFAULT_PARTITION_TOKENS)
         options = {"dtype": "bfloat16", "device": "cuda"}
+        if args.partition_tokens is None:
+            args.partition_tokens = [DEFAULT_PARTITION_TOKENS, 1_000_000]
         from .hf_anchor import ceilings as measured
         ceilings = measured()
     for item in args.option:
@@ -291,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             variants.append(baseline[1])
         variants += kv
     report["tokens_identical"] = all(v.identical_to_baseline for v in variants)
-    shares = ", ".join(f"{v.name}: {v.agreement.get('identical', 1.0):.1%}" for v in variants if v.vs_baseline)
+    shares = ", ".join(f"{v.name}: {v.agreement.get('identical', 1.0):.1%}" for v in variants
+                       if not v.name.startswith("one call"))
     print(f"greedy tokens identical across all variants: {'yes' if report['tokens_identical'] else 'NO'}"
           f" (requests identical to the single call: {shares})", flush=True)
     out = Path(args.out)

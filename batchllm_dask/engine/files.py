@@ -80,7 +80,7 @@ def check_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model: {path} does not exist (a checkpoint folder or a .gguf file)")
-    file = _gguf_of(path)
+    file = gguf.find_gguf(path)
     if file is not None:
         check_gguf(file)
         return ModelCheck(file, None, (), _tokenizer_of(tokenizer) if tokenizer is not None else file)
@@ -322,11 +322,6 @@ def _listing(folder: Path, limit: int = 8) -> str:
 
 # ------------------------------------------------------------------------------------- GGUF
 
-def _gguf_of(path: Path) -> Path | None:
-    """The GGUF file `path` names (gguf.find_gguf), else None."""
-    return gguf.find_gguf(path)
-
-
 def check_gguf(file: str | os.PathLike) -> None:
     """ValueError naming `file` unless it starts with GGUF's magic bytes."""
     with open(file, "rb") as f:
@@ -354,7 +349,7 @@ def _tokenizer_of(tokenizer: str | os.PathLike) -> Path:
     path = Path(tokenizer).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"tokenizer: {path} does not exist (a folder with tokenizer files, or a .gguf file)")
-    file = _gguf_of(path)
+    file = gguf.find_gguf(path)
     if file is not None:
         check_gguf(file)
         return file
