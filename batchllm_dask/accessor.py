@@ -98,7 +98,7 @@ def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, c
     if n == 1:  # one engine call sees every row: nothing to plan, no shuffle; tokenize in that one task
         return ddf.repartition(npartitions=1).map_partitions(generate_partition, prompt_col, spec, sampling, chat,
                                                              output_col, meta=meta)
-    tok = tokenize(ddf, prompt_col, spec.model, chat=chat)  # the spec's resolved path
+    tok = tokenize(ddf, prompt_col, spec.tokenizer_source, chat=chat)  # the spec's resolved path
     planned = prefix_shuffle(tok, max_tokens=sampling.max_tokens, npartitions=n)
     names = list(ddf._meta.index.names)
     return planned.map_partitions(run_partition, spec, sampling, output_col, names, meta=meta, clear_divisions=True)
@@ -131,6 +131,7 @@ def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "complet
     _check_args(output_col, chat, npartitions)
     sampling, engine_options = split_options(options)
     spec = EngineSpec.make(str(model), engine_options)
+    spec.check_files()  # a bad checkpoint or tokenizer raises here, before any task runs (engine/files.py)
     if isinstance(df, (pd.Series, _dask_dataframe_types()[1])):
         frame = df.to_frame(name=_SERIES_PROMPT)
         out = generate(frame, _SERIES_PROMPT, model, output_col=output_col, chat=chat,
@@ -154,7 +155,9 @@ def plan(ddf: Any, prompt_col: str, model: str, *, chat: bool = False, max_token
     _check_args("x", chat, npartitions)
     _check_column(ddf.columns, prompt_col)
     n = npartitions or default_npartitions(ddf)
-    tok = tokenize(ddf, prompt_col, EngineSpec.make(str(model), {}).model, chat=chat)
+    spec = EngineSpec.make(str(model), {})
+    spec.check_files()  # a bad checkpoint raises here, before any task runs (engine/files.py)
+    tok = tokenize(ddf, prompt_col, spec.tokenizer_source, chat=chat)
     planned = prefix_shuffle(tok, max_tokens=max_tokens, npartitions=n)
     meta = _plan_view(planned._meta.assign(**{TARGET: planned._meta.index}), list(ddf._meta.index.names))
     return planned.map_partitions(_plan_partition, list(ddf._meta.index.names), meta=meta, clear_divisions=True)

@@ -141,12 +141,12 @@ def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -
     ids: list[Any] = [p if k == "ids" else None for k, p in kinds]
     if any(k in ("text", "messages") for k, _ in kinds):  # token-id rows need no tokenizer
         from .caches import get_tokenizer
-        tokenizer, lock = get_tokenizer(model)
-        try:
+        try:  # a missing tokenizer (a weights-only folder), a template or tokenizer failure: the text rows' error
+            tokenizer, lock = get_tokenizer(model)
             with lock:
                 ids = encode(tokenizer, kinds)
-        except Exception as exc:  # noqa: BLE001 - a template or tokenizer failure becomes the rows' error
-            kinds = [("error", f"tokenizer failed: {exc}") if k != "error" else (k, p) for k, p in kinds]
+        except Exception as exc:  # noqa: BLE001
+            kinds = [("error", f"tokenizer failed: {exc}") if k in ("text", "messages") else (k, p) for k, p in kinds]
     errors = [p if k == "error" else None for k, p in kinds]
     for i, row in enumerate(ids):
         if errors[i] is None and (row is None or len(row) == 0):
