@@ -8,21 +8,33 @@ in the same partition, wherever they start in the dataframe:
    workers; the ids travel with the row from then on (an Arrow list column).
 2. `partition_stats` hashes each row's leading token blocks at lengths
    `block * 2**j` (16, 32, 64, ... tokens) and counts the hashes of its
-   partition.  The counts of every partition are reduced to one table and
-   `build_plan` turns it into a `PrefixPlan`: a prefix is *shared* when two or
+   partition.  The counts of every partition come back to the client
+   (`compute_plan`, eagerly: see below) and `build_plan` turns them into a
+   `PrefixPlan`: a prefix is *shared* when two or
    more rows anywhere have it; a row's prefix key is its longest shared
    prefix, else the row is unshared.
 3. The plan lays the prefix groups (keys) on a line of estimated cost (prompt
    tokens after sharing plus `max_tokens` per row), groups with a common
-   shallower prefix side by side, and cuts the line into `npartitions` equal
-   pieces: a group that fits in a piece goes whole to the piece holding its
+   shallower prefix side by side, and cuts the line into equal pieces, at
+   least `npartitions` (one per GPU worker) and enough that a piece costs at
+   most `partition_tokens` (`DEFAULT_PARTITION_TOKENS`: bounded partitions,
+   so that a worker lost costs minutes, not the job): a group that fits in a piece goes whole to the piece holding its
    middle; a larger group, and the unshared rows, are cut where the pieces
    end, so a big group fills whole partitions (pieces of one partition's
    cost) plus the remainders at its two ends.  Every partition's cost is
    then within half a group of the mean.
    `assign_partitions` gives every row its target partition.
-4. `prefix_shuffle` moves the rows with Dask's own shuffle (`set_index` on the
-   target with explicit divisions: exact placement, no hashing collisions).
+4. `shuffle_to_plan` moves the rows with Dask's own shuffle (`set_index` on
+   the target with explicit divisions: exact placement, no hashing collisions).
+
+The plan is computed when the job is built, as Dask's `set_index` computes its
+divisions: the shuffle's graph needs the number of output partitions, which
+depends on the job's cost.  The prompts are therefore tokenized twice, once
+for the counts and once inside the job's graph.  That is deliberate: a fast
+tokenizer encodes about a million tokens per second per core, a small share of
+generating them, while persisting the tokenized frame between the two would
+hold every row of the job in the cluster's memory for its whole duration,
+which is what bounded partitions are there to avoid.
 
 The original index is stashed in columns before the shuffle and restored by
 the partition runner.  Everything here is pandas and numpy: no torch.
@@ -403,19 +415,41 @@ def tokenize(ddf: Any, prompt_col: str, model: str, *, chat: bool) -> Any:
     return ddf.map_partitions(tokenize_partition, prompt_col, model, chat, meta=tokenized_meta(ddf._meta))
 
 
-def prefix_shuffle(tok: Any, *, max_tokens: int, npartitions: int, block: int = 16) -> Any:
-    """Plan and shuffle the tokenized `tok` lazily: the result's partitions are those the engine runs.
+def prefix_stats(tok: Any, block: int = 16) -> Any:
+    """Every input partition's prefix counts (`partition_stats`), lazily: one small frame per partition."""
+    return tok.map_partitions(partition_stats, block, meta=_STATS_META)
+
+
+def compute_plan(tok: Any, *, max_tokens: int, npartitions: int, partition_tokens: int | None = None,
+                 block: int = 16) -> PrefixPlan:
+    """The `PrefixPlan` of the tokenized `tok`, computed now (on the current scheduler).
+
+    Eager, as Dask's own `set_index` computes its divisions: the shuffle that
+    follows needs the number of output partitions when its graph is built, and
+    with `partition_tokens` that number depends on the job's cost.  Only the
+    prefix counts come back to the client (one row per distinct prefix hash per
+    input partition, not per row).
+    """
+    return build_plan(prefix_stats(tok, block).compute(), npartitions, max_tokens, block, partition_tokens)
+
+
+def shuffle_to_plan(tok: Any, plan: PrefixPlan) -> Any:
+    """Shuffle the tokenized `tok` lazily into `plan`'s partitions: the result's partitions are those the engine runs.
 
     Its index is TARGET (the partition number); the original index is in the
-    INDEX_PREFIX columns.  Nothing is computed here.
+    INDEX_PREFIX columns.
     """
-    stats = tok.map_partitions(partition_stats, block, meta=_STATS_META)
-    plan = stats.reduction(chunk=_identity, aggregate=build_plan, split_every=False,
-                           aggregate_kwargs={"npartitions": npartitions, "max_tokens": max_tokens, "block": block},
-                           meta=_EMPTY_PLAN)
     meta = tok._meta.drop(columns=[TOKENS, ERROR])
     keyed = tok.map_partitions(assign_partitions, plan, meta=planned_meta(meta))
-    return keyed.set_index(TARGET, divisions=list(range(npartitions + 1)), shuffle_method=shuffle_method(meta))
+    return keyed.set_index(TARGET, divisions=list(range(plan.npartitions + 1)), shuffle_method=shuffle_method(meta))
+
+
+def prefix_shuffle(tok: Any, *, max_tokens: int, npartitions: int, partition_tokens: int | None = None,
+                   block: int = 16) -> Any:
+    """`compute_plan` now, then `shuffle_to_plan` lazily."""
+    plan = compute_plan(tok, max_tokens=max_tokens, npartitions=npartitions, partition_tokens=partition_tokens,
+                        block=block)
+    return shuffle_to_plan(tok, plan)
 
 
 def shuffle_method(meta: pd.DataFrame) -> str | None:
@@ -432,9 +466,3 @@ def shuffle_method(meta: pd.DataFrame) -> str | None:
         return dtype != object
     return None if all(arrow_safe(t) for t in meta.dtypes) else "tasks"
 
-
-def _identity(df: pd.DataFrame) -> pd.DataFrame:
-    return df
-
-
-_EMPTY_PLAN = PrefixPlan(1, 16, 1, 1.0, frozenset(), {})
