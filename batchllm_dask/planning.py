@@ -70,15 +70,19 @@ _STATS_META = pd.DataFrame({c: pd.Series([], dtype="int64")
 def classify_prompt(value: Any, chat: bool) -> tuple[str, Any]:
     """('text' | 'ids' | 'messages' | 'error', payload) for one cell of the prompt column.
 
-    Token ids come back as a 1-d integer numpy array (checked in C, not per element).
+    Token ids come back as a 1-d integer numpy array (checked in C, not per element).  Ids that do not fit
+    in int32 (how they travel) are an error here; the engine checks the rest against the vocabulary.
     """
     if isinstance(value, str):
         if not value:
             return "error", "empty prompt"
+        unicode_error = _not_unicode(value)
+        if unicode_error:
+            return "error", unicode_error
         return ("messages", [{"role": "user", "content": value}]) if chat else ("text", value)
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "error", "prompt is null"
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
         if len(value) == 0:
             return "error", "empty prompt"
         if isinstance(value[0], dict):
@@ -87,8 +91,29 @@ def classify_prompt(value: Any, chat: bool) -> tuple[str, Any]:
         elif not chat:
             ids = value if isinstance(value, np.ndarray) else _int_array(value)
             if ids is not None and ids.ndim == 1 and ids.dtype.kind in "iu":
-                return "ids", ids
+                return _checked_ids(ids)
     return "error", f"prompt must be text, token ids or chat messages, got {_describe(value)}"
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _checked_ids(ids: np.ndarray) -> tuple[str, Any]:
+    """('ids', ids), or an error for ids that int32 cannot hold (they would wrap into other, valid ids)."""
+    if ids.dtype.itemsize > 4 or ids.dtype.kind == "u":
+        bad = ids[(ids > _INT32.max) | (ids < _INT32.min)] if ids.dtype.kind == "i" else ids[ids > _INT32.max]
+        if bad.size:
+            return "error", f"token ids out of range (no vocabulary has ids of 2**31 or more): {bad[:5].tolist()}"
+    return "ids", ids
+
+
+def _not_unicode(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone surrogate, which no tokenizer can encode), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"prompt text is not valid Unicode: {exc}"
+    return None
 
 
 def _int_array(value: Any) -> np.ndarray | None:
@@ -99,6 +124,8 @@ def _int_array(value: Any) -> np.ndarray | None:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray) and value.ndim != 1:
+        return f"ndarray of shape {value.shape}"
     if isinstance(value, (list, tuple, np.ndarray)):
         inner = {type(v).__name__ for v in list(value)[:8]}
         return f"{type(value).__name__} of {', '.join(sorted(inner))}"
@@ -142,6 +169,24 @@ def encode(tokenizer: Any, kinds: list[tuple[str, Any]]) -> list[Any]:
     return out
 
 
+def encode_each(tokenizer: Any, kinds: list[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """`encode` in one batch; where that fails, row by row, so that only the rows the tokenizer (or a chat
+    template) fails on get the error, as (ids, kinds with those rows turned into errors)."""
+    try:
+        return encode(tokenizer, kinds), kinds
+    except Exception:  # noqa: BLE001 - find the rows that fail
+        pass
+    ids, out = [], []
+    for kind in kinds:
+        try:
+            ids.append(encode(tokenizer, [kind])[0])
+            out.append(kind)
+        except Exception as exc:  # noqa: BLE001 - a template or tokenizer failure becomes the row's error
+            ids.append(None)
+            out.append(("error", f"tokenizer failed on this prompt: {type(exc).__name__}: {exc}"))
+    return ids, out
+
+
 def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -> tuple[list[Any], list[str | None]]:
     """(token ids, error) of every row of `part`: ids None where the row has an error message."""
     rows = None if chat else arrow_token_rows(part[prompt_col])
@@ -154,11 +199,8 @@ def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -
     if any(k in ("text", "messages") for k, _ in kinds):  # token-id rows need no tokenizer
         from .caches import get_tokenizer
         tokenizer, lock = get_tokenizer(model)
-        try:
-            with lock:
-                ids = encode(tokenizer, kinds)
-        except Exception as exc:  # noqa: BLE001 - a template or tokenizer failure becomes the rows' error
-            kinds = [("error", f"tokenizer failed: {exc}") if k != "error" else (k, p) for k, p in kinds]
+        with lock:
+            ids, kinds = encode_each(tokenizer, kinds)
     errors = [p if k == "error" else None for k, p in kinds]
     for i, row in enumerate(ids):
         if errors[i] is None and (row is None or len(row) == 0):
