@@ -263,6 +263,9 @@ def resume(ddf: Any, checkpoint: Checkpoint, run: Callable[[Any], Any], meta: pd
     rows, done = check_index(ddf, keys)
     columns = _result_columns(output_col)
     pieces = []
+    if done == rows:  # nothing to plan: no placement of an earlier job should apply to this one
+        from .assignment import clear_placement
+        clear_placement()
     if done < rows:
         todo = ddf if not len(keys) else ddf.map_partitions(_select, dask.delayed(keys), False, meta=ddf._meta)
         pieces.append(run(todo).map_partitions(record_partition, checkpoint.folder, columns, meta=meta))

@@ -200,3 +200,21 @@ def test_the_command_line_resumes_by_row_number(model, tmp_path, capsys, engine_
     again = pd.read_json(tmp_path / "out.jsonl", lines=True).sort_values("id")
     pd.testing.assert_frame_equal(again.reset_index(drop=True), first.reset_index(drop=True))
     assert "rows                   10 (10 completed" in capsys.readouterr().out
+
+
+def test_a_json_schema_job_resumes_with_its_typed_field_columns(model, tmp_path, monkeypatch):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "score": {"type": "integer"}},
+              "required": ["ok", "score"]}
+    df, folder = rows(n_groups=2, size=3, seed=2), tmp_path / "ckpt"
+    opts = {"json_schema": schema, "max_tokens": 12}
+    with dask.config.set(scheduler="sync"):
+        undisturbed = to_dask(df, 2).llm.generate("prompt", model, npartitions=1, partition_tokens=150,
+                                                  **{**SAMPLING, **opts}, **ENGINE).compute()
+        with monkeypatch.context() as m:
+            interrupt_after_first_part(m, str(folder))
+            with pytest.raises(RuntimeError):
+                job(df, model, folder, **opts).compute()
+        resumed = job(df, model, folder, **opts).compute()
+    assert list(resumed.columns) == list(undisturbed.columns) and {"ok", "score"} <= set(resumed.columns)
+    pd.testing.assert_frame_equal(resumed.loc[df.index].drop(columns="cached_tokens"),
+                                  undisturbed.loc[df.index].drop(columns="cached_tokens"))
