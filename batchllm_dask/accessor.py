@@ -30,8 +30,8 @@ With a `json_schema`, the schema's top-level fields follow as typed columns
 A pandas call runs at once and keeps the input's row order.  A Dask result
 keeps every row's index but not the order of rows: rows are grouped by shared
 prefix into new partitions (divisions unknown); `.sort_index()` or a join on
-the index gives the input's order back.  With one output
-partition nothing is shuffled and the input's order is kept.
+the index gives the input's order back.  With one output partition nothing
+is shuffled and the input's order is kept.
 
 On a cluster whose workers declare GPUs as resources, compute inside
 `batchllm_dask.gpu_resources()` so that generation runs on GPU workers.
