@@ -218,3 +218,15 @@ def test_a_json_schema_job_resumes_with_its_typed_field_columns(model, tmp_path,
     assert list(resumed.columns) == list(undisturbed.columns) and {"ok", "score"} <= set(resumed.columns)
     pd.testing.assert_frame_equal(resumed.loc[df.index].drop(columns="cached_tokens"),
                                   undisturbed.loc[df.index].drop(columns="cached_tokens"))
+
+
+def test_a_partition_recorded_twice_replaces_its_part(tmp_path):
+    from batchllm_dask.checkpoint import record_partition
+    part = pd.DataFrame({"completion": ["a", "b", None], "x": [1, 2, 3]},
+                        index=pd.Index(["k1", "k2", "k3"], name="rid"))
+    assert part_name(part.index) == part_name(part.index[::-1]) != part_name(part.index[:2])
+    record_partition(part, str(tmp_path), ["completion"])
+    record_partition(part.iloc[::-1], str(tmp_path), ["completion"])  # a re-run after a worker loss, rows reordered
+    assert len(glob.glob(str(tmp_path / "part-*.parquet"))) == 1 and not glob.glob(str(tmp_path / ".*"))
+    back = pd.read_parquet(tmp_path)
+    assert sorted(back.index) == ["k1", "k2", "k3"] and list(back.columns) == ["completion"]
