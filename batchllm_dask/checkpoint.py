@@ -112,8 +112,11 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 def _short_name(where: str) -> str:
-    """sampling.temperature -> temperature, for the message's summary."""
-    return where.split(":")[0].removeprefix("sampling.").removeprefix("engine.").removeprefix("columns.")
+    """sampling.temperature -> temperature, model.config.hidden_size -> model: the message's summary."""
+    name = where.split(":")[0]
+    if name.startswith(("model.", "model[", "tokenizer.", "tokenizer[")):
+        return name.split(".")[0].split("[")[0]
+    return name.removeprefix("sampling.").removeprefix("engine.").removeprefix("columns.")
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -159,11 +162,12 @@ class Checkpoint:
 
 
 def _check_manifest(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    diffs = differences(old, new)
+    diffs = sorted(differences(old, new), key=lambda d: d.startswith(("model", "tokenizer")))  # options first
     if diffs:
         names = sorted({_short_name(d) for d in diffs})
+        more = f"; and {len(diffs) - 8} more" if len(diffs) > 8 else ""
         raise ValueError(f"checkpoint: {path} was written by a job with other settings ({', '.join(names)}); "
-                         "resume with the same ones or use a new folder: " + "; ".join(diffs))
+                         "resume with the same ones or use a new folder: " + "; ".join(diffs[:8]) + more)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
