@@ -117,7 +117,7 @@ def _generate_dask(ddf: Any, prompt_col: str, spec: EngineSpec, sampling: Any, c
     if n == 1 and partition_tokens is None:  # asked for one unbounded partition: nothing to plan
         clear_placement()
         return _one_partition(ddf, prompt_col, spec, sampling, chat, output_col, meta)
-    tok = tokenize(ddf, prompt_col, spec.model, chat=chat)  # the spec's resolved path
+    tok = tokenize(ddf, prompt_col, spec.tokenizer_source, chat=chat)  # the spec's resolved path
     plan = compute_plan(tok, max_tokens=sampling.max_tokens, npartitions=n, partition_tokens=partition_tokens)
     note_plan(plan)
     if plan.npartitions == 1:  # the job fits in one partition: no shuffle, tokenized in that one task
@@ -191,6 +191,7 @@ def generate(df: Any, prompt_col: str, model: str, *, output_col: str = "complet
         raise TypeError(f"checkpoint: must be a folder path, got {type(checkpoint).__name__}")
     sampling, engine_options = split_options(options)
     spec = EngineSpec.make(str(model), engine_options)
+    spec.check_files()  # a bad checkpoint or tokenizer raises here, before any task runs (engine/files.py)
     if isinstance(df, (pd.Series, _dask_dataframe_types()[1])):
         frame = df.to_frame(name=_SERIES_PROMPT)
         out = generate(frame, _SERIES_PROMPT, model, output_col=output_col, chat=chat, npartitions=npartitions,
@@ -218,7 +219,9 @@ def plan(ddf: Any, prompt_col: str, model: str, *, chat: bool = False, max_token
     _check_args("x", chat, npartitions, partition_tokens)
     _check_column(ddf.columns, prompt_col)
     n = npartitions or default_npartitions(ddf)
-    tok = tokenize(ddf, prompt_col, EngineSpec.make(str(model), {}).model, chat=chat)
+    spec = EngineSpec.make(str(model), {})
+    spec.check_files()  # a bad checkpoint raises here, before any task runs (engine/files.py)
+    tok = tokenize(ddf, prompt_col, spec.tokenizer_source, chat=chat)
     planned = shuffle_to_plan(tok, compute_plan(tok, max_tokens=max_tokens, npartitions=n,
                                                 partition_tokens=partition_tokens))
     meta = _plan_view(planned._meta.assign(**{TARGET: planned._meta.index}), list(ddf._meta.index.names))

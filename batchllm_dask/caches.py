@@ -10,7 +10,8 @@ for its KV pool: asking for another spec releases the previous one.
 The same cache serves Dask's threaded scheduler (no cluster) and the pandas
 path; a lock per engine serializes `generate` calls, which are not thread-safe
 and gain nothing from running side by side on one device.  Tokenizers are
-cached per model path beside it, for the tokenizing tasks of `planning`.
+cached per path beside it (the `tokenizer` option's, else the model's:
+`EngineSpec.tokenizer_source`), for the tokenizing tasks of `planning`.
 
 This module sits below both `planning` and `worker` (and `spark`): layers read
 one way, accessor -> planning / worker -> caches -> engine.
@@ -39,13 +40,36 @@ class EngineSpec:
 
     @classmethod
     def make(cls, model: str, options: dict[str, Any]) -> "EngineSpec":
-        """A spec whose model path is absolute where it exists here (workers may run elsewhere in the tree)."""
-        path = Path(model).expanduser()
-        return cls(str(path.resolve()) if path.exists() else str(model), tuple(sorted(options.items())))
+        """A spec whose model (and tokenizer) path is absolute where it exists here (workers may run elsewhere
+        in the tree)."""
+        if options.get("tokenizer") is not None:
+            options = {**options, "tokenizer": _absolute(options["tokenizer"])}
+        return cls(_absolute(model), tuple(sorted(options.items())))
+
+    @property
+    def tokenizer(self) -> str | None:
+        """The `tokenizer` option: a path to load the tokenizer from instead of the model's, or None."""
+        return dict(self.options).get("tokenizer")
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where text prompts are tokenized from: the tokenizer option, else the model (planning and workers)."""
+        return self.tokenizer or self.model
+
+    def check_files(self) -> None:
+        """Raise now, naming the file and the problem, if the model or tokenizer cannot load (engine/files.py);
+        paths this machine does not see are left to the workers."""
+        from .engine.files import check_visible_model
+        check_visible_model(self.model, self.tokenizer)
 
     def build(self) -> Any:
         from .engine import Engine  # torch is imported here, on the worker, not by the client
         return Engine(self.model, **dict(self.options))
+
+
+def _absolute(path: Any) -> str:
+    resolved = Path(path).expanduser()
+    return str(resolved.resolve()) if resolved.exists() else str(path)
 
 
 @dataclass
@@ -102,7 +126,9 @@ def _release_memory() -> None:
 
 
 def get_tokenizer(model: str) -> tuple[Any, threading.Lock]:
-    """This process's tokenizer of `model` and a lock: a fast tokenizer is not safe across threads."""
+    """This process's tokenizer of `model` (a path: `EngineSpec.tokenizer_source`) and a lock: a fast tokenizer
+    is not safe across threads.  A folder without tokenizer files raises FileNotFoundError naming it (and is
+    not cached: a folder that gains them later loads)."""
     with _cache_lock:
         if model not in _tokenizers:
             from .engine.loader import load_tokenizer

@@ -187,6 +187,19 @@ def encode_each(tokenizer: Any, kinds: list[tuple[str, Any]]) -> tuple[list[Any]
     return ids, out
 
 
+def _encode_with(model: str, kinds: list[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """`encode_each` with this process's tokenizer of `model`; without one (a weights-only folder) every
+    text and chat row gets the error."""
+    from .caches import get_tokenizer
+    try:
+        tokenizer, lock = get_tokenizer(model)
+    except Exception as exc:  # noqa: BLE001 - the text rows' error; token-id rows still run
+        return ([p if k == "ids" else None for k, p in kinds],
+                [("error", f"tokenizer failed: {exc}") if k in ("text", "messages") else (k, p) for k, p in kinds])
+    with lock:
+        return encode_each(tokenizer, kinds)
+
+
 def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -> tuple[list[Any], list[str | None]]:
     """(token ids, error) of every row of `part`: ids None where the row has an error message."""
     rows = None if chat else arrow_token_rows(part[prompt_col])
@@ -197,10 +210,7 @@ def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -
         kinds = [classify_prompt(v, chat) for v in part[prompt_col].tolist()]
     ids: list[Any] = [p if k == "ids" else None for k, p in kinds]
     if any(k in ("text", "messages") for k, _ in kinds):  # token-id rows need no tokenizer
-        from .caches import get_tokenizer
-        tokenizer, lock = get_tokenizer(model)
-        with lock:
-            ids, kinds = encode_each(tokenizer, kinds)
+        ids, kinds = _encode_with(model, kinds)
     errors = [p if k == "error" else None for k, p in kinds]
     for i, row in enumerate(ids):
         if errors[i] is None and (row is None or len(row) == 0):

@@ -42,7 +42,7 @@ def generate_partition(part: pd.DataFrame, prompt_col: str, spec: EngineSpec, sa
 
     One task instead of two, and no trip of the token ids through an Arrow column.
     """
-    ids, errors = tokenize_rows(part, prompt_col, spec.model, chat)
+    ids, errors = tokenize_rows(part, prompt_col, spec.tokenizer_source, chat)
     return generate_rows(part, ids, errors, spec, sampling, output_col)
 
 

@@ -55,3 +55,18 @@ def test_the_capital_of_france_through_the_dataframe_api():
     out = df.llm.generate("prompt", str(GGUF), chat=True, max_tokens=16, temperature=0.0, **ENGINE)
     assert out["completion"].tolist() == ["The capital of France is Paris."]
     assert out["finish_reason"].tolist() == ["stop"]
+
+
+def test_classification_example_labels_are_all_in_the_choice_set(converted, capsys):
+    """examples/classify_reviews.py on the real model: every label is one of the choices, ended by its grammar."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "examples" / "classify_reviews.py"
+    spec = importlib.util.spec_from_file_location("classify_reviews", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--model", converted])
+    assert len(out) == len(example.REVIEWS) and out.index.name == "review_id"
+    assert out["label"].isin(example.LABELS).all(), out["label"].tolist()
+    assert (out["finish_reason"] == "stop").all() and out["error"].isna().all()
+    assert "every label one of" in capsys.readouterr().out

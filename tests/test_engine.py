@@ -255,4 +255,5 @@ def test_a_cuda_out_of_memory_step_is_retried_with_a_smaller_token_budget(tiny_l
     monkeypatch.setattr(engine.runner, "forward", forward)
     outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == want
-    assert refused and engine.last_stats.oom_retries == len(refused) >= 2  # 512 -> 256 -> 128
+    # the retry halves the failed step (141 tokens -> 70), not the budget (512 -> 256 would fail the same step again)
+    assert refused and engine.last_stats.oom_retries == len(refused) >= 1

@@ -8,6 +8,7 @@ them and never written back here.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -150,6 +151,10 @@ class EngineConfig:
         (parallel.py): one process per rank, NCCL on CUDA (cuda:0..N-1 of the
         visible devices, from `device`'s index), gloo on the CPU.  Heads and the
         intermediate size must divide by it (KV heads may be fewer: replicated).
+    tokenizer: a folder with the tokenizer files (or a GGUF file) to use instead of the model's own, as
+        vLLM's `tokenizer=`: for a weights-only checkpoint (config and safetensors, as `save_pretrained`
+        writes), or another revision's tokenizer.  None: the model's; where it has none, token-id prompts
+        run and text prompts fail per row with an error naming the files it lacks.
     """
 
     dtype: str = "auto"
@@ -168,8 +173,11 @@ class EngineConfig:
     decode_first: bool = True
     decode_reserve: float = 1.0
     tensor_parallel_size: int = 1
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.tokenizer, os.PathLike):
+            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         _check(self.device is None or isinstance(self.device, str), "device",
                f"must be a device string such as 'cpu' or 'cuda', got {self.device!r}")
@@ -195,3 +203,6 @@ class EngineConfig:
                f"must be a number in [0, 1], got {self.decode_reserve!r}")
         _check(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
                f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        _check(self.tokenizer is None or (isinstance(self.tokenizer, str) and self.tokenizer.strip() != ""),
+               "tokenizer", f"must be a path (a folder with tokenizer files, or a .gguf file) or None, "
+               f"got {self.tokenizer!r}")

@@ -14,8 +14,11 @@ requests carry placeholders meanwhile).  The GPU always has the next step
 queued; the host's scheduling, input building and stop checks hide behind it.
 
 A CUDA out-of-memory error while a step is launched is caught: nothing of the
-step is committed, the token budget is halved, and the work is scheduled again
-in smaller steps (counted in `GenerationStats.oom_retries`).
+step is committed, the token budget becomes half the failed step's tokens
+(decodes included: the scheduler then runs at most that many per step), and
+the work is scheduled again in smaller steps (counted in
+`GenerationStats.oom_retries`).  The smaller budget lasts for the rest of the
+call; the next `generate` starts from the full one again.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch.profiler import record_function
@@ -33,7 +37,8 @@ from tqdm.auto import tqdm
 from .config import EngineConfig, SamplingParams
 from .inputs import PreparedPrompt, prepare_prompt, sampling_list
 from .kv_cache import PageAllocator, kv_bytes_per_page, kv_shortage_message, pages_for
-from .model_cache import checkpoint_dir
+from .files import check_model, has_tokenizer, missing_tokenizer_message
+from .model_cache import checkpoint_dir, tokenizer_dir
 from .loader import eos_token_ids, load_checkpoint, load_tokenizer, max_model_len
 from .outputs import Completion, GenerationStats
 from .parallel import RankGroup, load_shard
@@ -82,12 +87,13 @@ class Engine:
         self.device = self.group.device if self.group is not None else torch.device(
             self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device)
+        check_model(self.model_path, self.config.tokenizer)  # a bad file: an error naming it, before any conversion
         self.model_path = checkpoint_dir(self.model_path, _DTYPE_NAMES[self.dtype])  # a GGUF file: its cached conversion
         if self.group is not None:
             self.model, self.args = load_shard(self.model_path, self.dtype, self.device, self.group)
         else:
             self.model, self.args = load_checkpoint(self.model_path, self.dtype, self.device)
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer, self.tokenizer_error = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.max_model_len = max_model_len(self.args)
         self.num_kv_pages = self._kv_pages()
@@ -102,6 +108,14 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_token_ids, self.device)
         self.last_stats: GenerationStats | None = None
         self.annotate_steps = False  # mark the loop's phases for torch.profiler (bench/profile.py sets it)
+
+    def _load_tokenizer(self) -> tuple[Any, str | None]:
+        """(the tokenizer option's or the model's tokenizer, None), or (None, why not) for a weights-only folder."""
+        if self.config.tokenizer is not None:
+            return load_tokenizer(tokenizer_dir(self.config.tokenizer)), None
+        if not has_tokenizer(self.model_path):
+            return None, missing_tokenizer_message(self.model_path)
+        return load_tokenizer(self.model_path), None
 
     def close(self) -> None:
         """Stop a tensor-parallel engine's rank processes and leave its process group (else nothing)."""
@@ -125,8 +139,7 @@ class Engine:
                   sampling: SamplingParams | Sequence[SamplingParams] | None, progress: bool | None) -> list[Completion]:
         start = time.perf_counter()
         params = sampling_list(sampling, len(prompts))
-        prepared = [prepare_prompt(p, self.tokenizer, self.args.vocab_size, self.max_model_len) for p in prompts]
-        prepared = [self._check_fits(p, sp) for p, sp in zip(prepared, params)]
+        prepared = [self._prepare(p, sp) for p, sp in zip(prompts, params)]
         completions = [Completion(i, error=p.error, prompt_tokens=len(p.token_ids)) for i, p in enumerate(prepared)]
         valid = [i for i, p in enumerate(prepared) if p.error is None]
         plan = self._plan([prepared[i].token_ids for i in valid])
@@ -145,6 +158,15 @@ class Engine:
         return completions
 
     # -- planning --------------------------------------------------------------------------
+    def _prepare(self, prompt: str | Sequence[int], params: SamplingParams) -> PreparedPrompt:
+        """The prompt's token ids, or its error: bad input, no tokenizer for what it needs, too large for the pool."""
+        if self.tokenizer is None:
+            need = _tokenizer_need(prompt, params)
+            if need is not None:
+                return PreparedPrompt([], f"{need} needs a tokenizer; {self.tokenizer_error}")
+        return self._check_fits(prepare_prompt(prompt, self.tokenizer, self.args.vocab_size, self.max_model_len),
+                                params)
+
     def _check_fits(self, prompt: PreparedPrompt, params: SamplingParams) -> PreparedPrompt:
         need = pages_for(len(prompt.token_ids) + params.max_tokens, self.config.page_size)
         if prompt.error is None and need > self.num_kv_pages:
@@ -261,7 +283,7 @@ class Engine:
 
     def _launch(self, scheduler: Scheduler, batch: StepBatch, in_flight: _InFlight | None,
                 matchers: GrammarMatchers | None) -> _InFlight | None:
-        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the budget and return None.
+        """Launch a step and commit it, or, on a CUDA out-of-memory error, halve the step's size and return None.
 
         The step is sampled at once unless one of its rows is constrained (see `_run`).
         """
@@ -271,8 +293,12 @@ class Engine:
         except torch.OutOfMemoryError:
             if scheduler.max_batched_tokens <= _MIN_OOM_BUDGET or self.group is not None:  # ranks would disagree
                 raise
-            torch.cuda.empty_cache()
-            scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, scheduler.max_batched_tokens // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # Half of what failed, not of the budget: a step smaller than the budget (the tail of a call) must shrink
+            # too.  The scheduler keeps every later step of this call under it, decodes included.
+            failed = min(scheduler.max_batched_tokens, batch.num_tokens)
+            scheduler.max_batched_tokens = max(_MIN_OOM_BUDGET, failed // 2)
             return None
         scheduler.commit(batch)
         seqs = [c.seq for c in batch.sampled]
@@ -344,6 +370,17 @@ class _LoopCounters:
         self.oom_retries += retried
         self.steps += not retried
         self.batched_tokens += 0 if retried else num_tokens
+
+
+def _tokenizer_need(prompt: object, params: SamplingParams) -> str | None:
+    """What of this request needs a tokenizer (text, stop strings, a grammar), or None: token ids alone run."""
+    if isinstance(prompt, str):
+        return "a text prompt"
+    if params.stop:
+        return "stop strings"
+    if params.constraint is not None:
+        return f"a {params.constraint[0]} constraint"
+    return None
 
 
 def _no_phase(name: str) -> contextlib.nullcontext:

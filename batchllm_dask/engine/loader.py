@@ -1,8 +1,11 @@
 """Load a local Hugging Face checkpoint: config.json, safetensors weights, tokenizer.
 
 Only local directories (no hub downloads): batch jobs run where the weights
-already are.  The model is built on the meta device and the checkpoint tensors
-are assigned in place, so there is no random-init cost and no second copy.
+already are.  The files are checked first (files.py: the config runs, every
+safetensors file is whole and its tensors are those the config implies), so a
+bad checkpoint is an error naming the file, not a failure halfway through.
+The model is built on the meta device and the checkpoint tensors are assigned
+in place, so there is no random-init cost and no second copy.
 """
 from __future__ import annotations
 
@@ -13,42 +16,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .files import check_checkpoint, has_tokenizer, missing_tokenizer_message, model_dir, read_config
+from .files import weight_files  # noqa: F401 - the loader's API, kept where callers look for it
 from .model import CausalLM, ModelArgs
-
-_INDEX = "model.safetensors.index.json"
-
-
-def _model_dir(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    return path
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's config.json as a dict."""
-    config = _model_dir(path) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"no config.json in model directory {config.parent}")
-    return json.loads(config.read_text())
-
-
-def weight_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the index's shards, else every *.safetensors."""
-    path = _model_dir(path)
-    index = path / _INDEX
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names missing shard files: {missing}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path} (only safetensors checkpoints are supported)")
-    return files
-
 
 def _read_tensors(files: list[Path], wanted: set[str], dtype: torch.dtype,
                   device: torch.device) -> dict[str, torch.Tensor]:
@@ -66,8 +36,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype,
                     device: torch.device | str = "cpu") -> tuple[CausalLM, ModelArgs]:
     """Build the model of `path` on `device` in `dtype`, weights loaded, in eval mode."""
     device = torch.device(device)
-    args = ModelArgs.from_hf_config(read_config(path))
-    files = weight_files(path)
+    args, files = check_checkpoint(path)
     with torch.device("meta"):
         model = CausalLM(args)
     wanted = set(model.state_dict())
@@ -86,9 +55,16 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype,
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), from local files only."""
+    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), from local files only.
+
+    A folder without tokenizer files (weights only) is a FileNotFoundError naming it and the files it lacks,
+    before transformers would try to build one from the config's model type.
+    """
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(_model_dir(path)))
+    folder = model_dir(path)
+    if not has_tokenizer(folder):
+        raise FileNotFoundError(missing_tokenizer_message(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:
@@ -101,7 +77,7 @@ def _as_ids(value: Any) -> tuple[int, ...]:
 
 def eos_token_ids(path: str | Path, tokenizer: Any = None) -> tuple[int, ...]:
     """End-of-sequence ids: generation_config.json, else config.json, else the tokenizer's."""
-    path = _model_dir(path)
+    path = model_dir(path)
     generation = path / "generation_config.json"
     if generation.is_file():
         ids = _as_ids(json.loads(generation.read_text()).get("eos_token_id"))

@@ -16,10 +16,12 @@ class Completion:
     computed by the first request in run order below it, cached for the rest),
     so prompt_tokens - cached_tokens summed over a batch is its computed prompt
     tokens (before any recomputation after preemption).
+    text: None when the engine has no tokenizer (a weights-only checkpoint without
+    the `tokenizer` option): the completion is its `token_ids` only.
     """
 
     index: int
-    text: str = ""
+    text: str | None = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "error"
     prompt_tokens: int = 0

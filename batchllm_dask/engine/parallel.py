@@ -41,7 +41,6 @@ A CUDA out-of-memory error inside a step is not retried under tensor parallelism
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -228,9 +227,9 @@ def _read_shard(files: list[Path], wanted: set[str], shard: Shard, head_dim: int
 
 def load_shard(path: str | os.PathLike, dtype: torch.dtype, device: torch.device, group: RankGroup):
     """This rank's model (its shard of every layer, row-parallel projections, fused) and its local ModelArgs."""
-    from .loader import weight_files
-    from .model import CausalLM, ModelArgs
-    args = ModelArgs.from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+    from .files import check_checkpoint
+    from .model import CausalLM
+    args, files = check_checkpoint(path)  # a bad checkpoint: an error naming the file, on every rank alike
     shard, mine = shard_of(args, group.rank, group.size), local_args(args, group.size)
     with torch.device("meta"):
         model = CausalLM(mine)
@@ -238,7 +237,7 @@ def load_shard(path: str | os.PathLike, dtype: torch.dtype, device: torch.device
     wanted = set(model.state_dict())
     if mine.tie_word_embeddings:
         wanted.discard("lm_head.weight")
-    tensors = _read_shard(weight_files(path), wanted, shard, args.head_dim, dtype, device)
+    tensors = _read_shard(files, wanted, shard, args.head_dim, dtype, device)
     missing = sorted(wanted - tensors.keys())
     if missing:
         raise ValueError(f"checkpoint {Path(path)} is missing {len(missing)} tensors, e.g. {missing[:5]}")

@@ -213,7 +213,10 @@ class StopChecker:
             return StopDecision(True, "length", self.decode(token_ids))
         return RUNNING
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int]) -> str | None:
+        """The text of `token_ids`; None without a tokenizer (a weights-only checkpoint: the ids are the output)."""
+        if self.tokenizer is None:
+            return None
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def _check_stop_strings(self, token_ids: Sequence[int], stops: tuple[str, ...]) -> StopDecision:

@@ -148,8 +148,12 @@ class Scheduler:
 
     # -- pieces ----------------------------------------------------------------------------
     def _schedule_decodes(self) -> list[Chunk]:
+        """Every running decode, up to the token budget: after an out-of-memory retry halved the budget
+        (engine.py), the rest wait a step rather than the step staying too large."""
         chunks = []
         for seq in list(self.running.values()):  # a copy: growing may preempt
+            if len(chunks) >= self.max_batched_tokens:
+                break
             if seq.status is Status.RUNNING and seq.pending == 1 and len(seq.tokens) > seq.num_prompt:
                 if self._grow(seq, seq.num_computed + 1):
                     chunks.append(Chunk(seq, seq.num_computed, 1))
@@ -201,7 +205,7 @@ class Scheduler:
     def _admit(self, budget: int) -> tuple[list[Chunk], list[RequestSeq]]:
         chunks: list[Chunk] = []
         failed: list[RequestSeq] = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and len(self.running) < min(self.max_running, self.max_batched_tokens):
             seq = self.waiting[0]
             if seq.unresolved:  # preempted while its newest token was on the device: wait for it
                 break
