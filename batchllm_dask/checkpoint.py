@@ -89,12 +89,12 @@ def model_fingerprint(model: str) -> dict[str, Any]:
 def job_manifest(model: str, sampling: Any, engine_options: dict[str, Any], prompt_col: str, output_col: str,
                  chat: bool) -> dict[str, Any]:
     """What makes a job's outputs what they are (JSON-ready); see the module docstring."""
-    engine = {k: engine_options.get(k) for k in OUTPUT_ENGINE_OPTIONS if k in engine_options}
+    engine = {k: engine_options[k] for k in OUTPUT_ENGINE_OPTIONS if k in engine_options and k != "tokenizer"}
     manifest = {"version": VERSION, "model": model_fingerprint(model),
                 "sampling": dataclasses.asdict(sampling), "engine": engine,
                 "columns": {"prompt_col": prompt_col, "output_col": output_col, "chat": chat}}
-    if isinstance(engine.get("tokenizer"), str):
-        manifest["tokenizer"] = model_fingerprint(engine["tokenizer"])
+    if engine_options.get("tokenizer") is not None:  # by its files' fingerprints, like the model: not its path
+        manifest["tokenizer"] = model_fingerprint(str(engine_options["tokenizer"]))
     return json.loads(json.dumps(manifest, default=str))  # tuples -> lists, as they read back
 
 
