@@ -22,10 +22,13 @@ import sys
 import time
 from typing import Any, Iterator
 
+from .planning import DEFAULT_PARTITION_TOKENS
+
 _SAMPLING = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int}
 _ENGINE = {"dtype": str, "device": str, "kv_cache_bytes": int, "page_size": int, "max_num_batched_tokens": int,
            "max_num_seqs": int, "min_shared_tokens": int}
-_FLAG_NAMES = [*_SAMPLING, *_ENGINE, "stop", "ignore_eos", "prefix_sharing", "npartitions", "chat", "output_col"]
+_FLAG_NAMES = [*_SAMPLING, *_ENGINE, "stop", "ignore_eos", "prefix_sharing", "npartitions", "chat", "output_col",
+               "partition_tokens", "checkpoint"]
 _EXAMPLES = {
     "generate": "example:\n  batchllm-dask generate rows.parquet answers.jsonl --prompt-col prompt --chat --max-tokens 32\n"
                 "  batchllm-dask generate s3://bucket/rows.csv s3://bucket/out.parquet --model /models/llama "
@@ -64,7 +67,15 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a Hugging Face checkpoint folder or a GGUF file "
                    "(default: the embedded model)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to text rows")
-    p.add_argument("--npartitions", type=int, default=None, help="output partitions (default: one per GPU worker)")
+    p.add_argument("--npartitions", type=int, default=None,
+                   help="the fewest output partitions (default: one per GPU worker)")
+    p.add_argument("--partition-tokens", type=_partition_tokens, default=DEFAULT_PARTITION_TOKENS, metavar="N",
+                   help="bound on a partition's estimated cost, prompt tokens after sharing plus max-tokens per row "
+                   f"(default {DEFAULT_PARTITION_TOKENS:,}; 'none': no bound)")
+
+
+def _partition_tokens(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--output-col", default="completion")
     g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, or 'threads'")
     g.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per GPU, else 1)")
-    g.add_argument("--checkpoint", default=None, metavar="DIR", help="resume folder: finished rows are kept there")
+    g.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="resume folder: finished rows are kept there, and the same command run again generates only "
+                   "the rest; rows are identified by their row number in INPUT")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_options(g)
     p = _sub(sub, "plan", "a dry run: what `generate` will compute and cost, without loading weights")
@@ -161,10 +174,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _model(args)
     with cluster(args.scheduler, args.workers) as client:
         ddf = _read(args)
-        extra = {"checkpoint": args.checkpoint} if args.checkpoint is not None else {}
+        lengths = ddf.map_partitions(len).compute().tolist()
+        if args.checkpoint is not None:
+            ddf = numbered_rows(ddf, lengths)
         out = ddf.llm.generate(args.prompt_col, model, output_col=args.output_col, chat=args.chat,
-                               npartitions=args.npartitions, **extra, **_options(args))
-        total = int(ddf.map_partitions(len).compute().sum())
+                               npartitions=args.npartitions, partition_tokens=args.partition_tokens,
+                               checkpoint=args.checkpoint, **_options(args))
+        total = int(sum(lengths))
         start = time.perf_counter()
         with JobProgress(total, client, disable=not args.progress), gpu_resources():
             write_table(out, args.output, "OUTPUT")
@@ -175,12 +191,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def numbered_rows(ddf: Any, lengths: list[int]) -> Any:
+    """`ddf` indexed by each row's number in the input (0, 1, ...): the identity `--checkpoint` resumes by.
+
+    A CSV or JSON Lines file read by Dask numbers rows from 0 in every block, so its index is not unique.
+    """
+    import numpy as np
+    import pandas as pd
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()
+    meta = ddf._meta.set_axis(pd.RangeIndex(0, name="row"))
+    return ddf.map_partitions(_number_rows, offsets, meta=meta)
+
+
+def _number_rows(part: Any, offsets: list[int], partition_info: dict | None = None) -> Any:
+    import pandas as pd
+    start = offsets[partition_info["number"] if partition_info else 0]
+    return part.set_axis(pd.RangeIndex(start, start + len(part), name="row"))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan_report import device_ceilings
     device_ceilings(args.device) if args.device != "measured" else None  # a bad --device fails first
     model = _model(args)
     report = _read(args).llm.plan_report(args.prompt_col, model, chat=args.chat, max_tokens=args.max_tokens,
-                                         npartitions=args.npartitions, device=args.device)
+                                         npartitions=args.npartitions, partition_tokens=args.partition_tokens,
+                                         device=args.device)
     print(report)
     return 0
 

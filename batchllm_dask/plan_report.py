@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from .planning import ERROR, KEY, KEY_LEN, TOKENS, token_arrays
+from .planning import DEFAULT_PARTITION_TOKENS, ERROR, KEY, KEY_LEN, TOKENS, token_arrays
 from .roofline import ModelShape, lower_bound
 
 # Dense bf16 matrix peak (FLOP/s) and memory bandwidth (bytes/s) from the datasheets (SXM parts): a bound on
@@ -161,7 +161,8 @@ def device_ceilings(device: str) -> tuple[str, float, float]:
 
 
 def plan_report(ddf: Any, prompt_col: str, model: str, *, chat: bool = False, max_tokens: int = 16,
-                npartitions: int | None = None, device: str = "h100", min_shared_tokens: int = 32) -> PlanReport:
+                npartitions: int | None = None, partition_tokens: int | None = DEFAULT_PARTITION_TOKENS,
+                device: str = "h100", min_shared_tokens: int = 32) -> PlanReport:
     """Tokenize and plan `ddf` as `generate` would (no weights load) and report what the job costs."""
     import dask
     from .accessor import _check_args, _check_column, default_npartitions
@@ -169,13 +170,14 @@ def plan_report(ddf: Any, prompt_col: str, model: str, *, chat: bool = False, ma
     from .engine.loader import read_config
     from .engine.model_cache import tokenizer_dir
     from .planning import prefix_shuffle, tokenize
-    _check_args("x", chat, npartitions)
+    _check_args("x", chat, npartitions, partition_tokens)
     _check_column(ddf.columns, prompt_col)
     name, peak, bandwidth = device_ceilings(device)
     path = EngineSpec.make(str(model), {}).model
     shape = ModelShape.from_hf_config(read_config(tokenizer_dir(path)))
     n = npartitions or default_npartitions(ddf)
-    planned = prefix_shuffle(tokenize(ddf, prompt_col, path, chat=chat), max_tokens=max_tokens, npartitions=n)
+    planned = prefix_shuffle(tokenize(ddf, prompt_col, path, chat=chat), max_tokens=max_tokens, npartitions=n,
+                             partition_tokens=partition_tokens)
     tasks = [dask.delayed(summarize_partition)(part, i, max_tokens, min_shared_tokens)
              for i, part in enumerate(planned.to_delayed())]
     return build_report(list(dask.compute(*tasks)), shape, max_tokens, name, peak, bandwidth)

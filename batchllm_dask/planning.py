@@ -8,21 +8,33 @@ in the same partition, wherever they start in the dataframe:
    workers; the ids travel with the row from then on (an Arrow list column).
 2. `partition_stats` hashes each row's leading token blocks at lengths
    `block * 2**j` (16, 32, 64, ... tokens) and counts the hashes of its
-   partition.  The counts of every partition are reduced to one table and
-   `build_plan` turns it into a `PrefixPlan`: a prefix is *shared* when two or
+   partition.  The counts of every partition come back to the client
+   (`compute_plan`, eagerly: see below) and `build_plan` turns them into a
+   `PrefixPlan`: a prefix is *shared* when two or
    more rows anywhere have it; a row's prefix key is its longest shared
    prefix, else the row is unshared.
 3. The plan lays the prefix groups (keys) on a line of estimated cost (prompt
    tokens after sharing plus `max_tokens` per row), groups with a common
-   shallower prefix side by side, and cuts the line into `npartitions` equal
-   pieces: a group that fits in a piece goes whole to the piece holding its
+   shallower prefix side by side, and cuts the line into equal pieces, at
+   least `npartitions` (one per GPU worker) and enough that a piece costs at
+   most `partition_tokens` (`DEFAULT_PARTITION_TOKENS`: bounded partitions,
+   so that a worker lost costs minutes, not the job): a group that fits in a piece goes whole to the piece holding its
    middle; a larger group, and the unshared rows, are cut where the pieces
    end, so a big group fills whole partitions (pieces of one partition's
    cost) plus the remainders at its two ends.  Every partition's cost is
    then within half a group of the mean.
    `assign_partitions` gives every row its target partition.
-4. `prefix_shuffle` moves the rows with Dask's own shuffle (`set_index` on the
-   target with explicit divisions: exact placement, no hashing collisions).
+4. `shuffle_to_plan` moves the rows with Dask's own shuffle (`set_index` on
+   the target with explicit divisions: exact placement, no hashing collisions).
+
+The plan is computed when the job is built, as Dask's `set_index` computes its
+divisions: the shuffle's graph needs the number of output partitions, which
+depends on the job's cost.  The prompts are therefore tokenized twice, once
+for the counts and once inside the job's graph.  That is deliberate: a fast
+tokenizer encodes about a million tokens per second per core, a small share of
+generating them, while persisting the tokenized frame between the two would
+hold every row of the job in the cluster's memory for its whole duration,
+which is what bounded partitions are there to avoid.
 
 The original index is stashed in columns before the shuffle and restored by
 the partition runner.  Everything here is pandas and numpy: no torch.
@@ -58,15 +70,19 @@ _STATS_META = pd.DataFrame({c: pd.Series([], dtype="int64")
 def classify_prompt(value: Any, chat: bool) -> tuple[str, Any]:
     """('text' | 'ids' | 'messages' | 'error', payload) for one cell of the prompt column.
 
-    Token ids come back as a 1-d integer numpy array (checked in C, not per element).
+    Token ids come back as a 1-d integer numpy array (checked in C, not per element).  Ids that do not fit
+    in int32 (how they travel) are an error here; the engine checks the rest against the vocabulary.
     """
     if isinstance(value, str):
         if not value:
             return "error", "empty prompt"
+        unicode_error = _not_unicode(value)
+        if unicode_error:
+            return "error", unicode_error
         return ("messages", [{"role": "user", "content": value}]) if chat else ("text", value)
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "error", "prompt is null"
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
         if len(value) == 0:
             return "error", "empty prompt"
         if isinstance(value[0], dict):
@@ -75,8 +91,29 @@ def classify_prompt(value: Any, chat: bool) -> tuple[str, Any]:
         elif not chat:
             ids = value if isinstance(value, np.ndarray) else _int_array(value)
             if ids is not None and ids.ndim == 1 and ids.dtype.kind in "iu":
-                return "ids", ids
+                return _checked_ids(ids)
     return "error", f"prompt must be text, token ids or chat messages, got {_describe(value)}"
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _checked_ids(ids: np.ndarray) -> tuple[str, Any]:
+    """('ids', ids), or an error for ids that int32 cannot hold (they would wrap into other, valid ids)."""
+    if ids.dtype.itemsize > 4 or ids.dtype.kind == "u":
+        bad = ids[(ids > _INT32.max) | (ids < _INT32.min)] if ids.dtype.kind == "i" else ids[ids > _INT32.max]
+        if bad.size:
+            return "error", f"token ids out of range (no vocabulary has ids of 2**31 or more): {bad[:5].tolist()}"
+    return "ids", ids
+
+
+def _not_unicode(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone surrogate, which no tokenizer can encode), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"prompt text is not valid Unicode: {exc}"
+    return None
 
 
 def _int_array(value: Any) -> np.ndarray | None:
@@ -87,6 +124,8 @@ def _int_array(value: Any) -> np.ndarray | None:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray) and value.ndim != 1:
+        return f"ndarray of shape {value.shape}"
     if isinstance(value, (list, tuple, np.ndarray)):
         inner = {type(v).__name__ for v in list(value)[:8]}
         return f"{type(value).__name__} of {', '.join(sorted(inner))}"
@@ -130,6 +169,37 @@ def encode(tokenizer: Any, kinds: list[tuple[str, Any]]) -> list[Any]:
     return out
 
 
+def encode_each(tokenizer: Any, kinds: list[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """`encode` in one batch; where that fails, row by row, so that only the rows the tokenizer (or a chat
+    template) fails on get the error, as (ids, kinds with those rows turned into errors)."""
+    try:
+        return encode(tokenizer, kinds), kinds
+    except Exception:  # noqa: BLE001 - find the rows that fail
+        pass
+    ids, out = [], []
+    for kind in kinds:
+        try:
+            ids.append(encode(tokenizer, [kind])[0])
+            out.append(kind)
+        except Exception as exc:  # noqa: BLE001 - a template or tokenizer failure becomes the row's error
+            ids.append(None)
+            out.append(("error", f"tokenizer failed on this prompt: {type(exc).__name__}: {exc}"))
+    return ids, out
+
+
+def _encode_with(model: str, kinds: list[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """`encode_each` with this process's tokenizer of `model`; without one (a weights-only folder) every
+    text and chat row gets the error."""
+    from .caches import get_tokenizer
+    try:
+        tokenizer, lock = get_tokenizer(model)
+    except Exception as exc:  # noqa: BLE001 - the text rows' error; token-id rows still run
+        return ([p if k == "ids" else None for k, p in kinds],
+                [("error", f"tokenizer failed: {exc}") if k in ("text", "messages") else (k, p) for k, p in kinds])
+    with lock:
+        return encode_each(tokenizer, kinds)
+
+
 def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -> tuple[list[Any], list[str | None]]:
     """(token ids, error) of every row of `part`: ids None where the row has an error message."""
     rows = None if chat else arrow_token_rows(part[prompt_col])
@@ -140,13 +210,7 @@ def tokenize_rows(part: pd.DataFrame, prompt_col: str, model: str, chat: bool) -
         kinds = [classify_prompt(v, chat) for v in part[prompt_col].tolist()]
     ids: list[Any] = [p if k == "ids" else None for k, p in kinds]
     if any(k in ("text", "messages") for k, _ in kinds):  # token-id rows need no tokenizer
-        from .caches import get_tokenizer
-        try:  # a missing tokenizer (a weights-only folder), a template or tokenizer failure: the text rows' error
-            tokenizer, lock = get_tokenizer(model)
-            with lock:
-                ids = encode(tokenizer, kinds)
-        except Exception as exc:  # noqa: BLE001
-            kinds = [("error", f"tokenizer failed: {exc}") if k in ("text", "messages") else (k, p) for k, p in kinds]
+        ids, kinds = _encode_with(model, kinds)
     errors = [p if k == "error" else None for k, p in kinds]
     for i, row in enumerate(ids):
         if errors[i] is None and (row is None or len(row) == 0):
@@ -403,19 +467,41 @@ def tokenize(ddf: Any, prompt_col: str, model: str, *, chat: bool) -> Any:
     return ddf.map_partitions(tokenize_partition, prompt_col, model, chat, meta=tokenized_meta(ddf._meta))
 
 
-def prefix_shuffle(tok: Any, *, max_tokens: int, npartitions: int, block: int = 16) -> Any:
-    """Plan and shuffle the tokenized `tok` lazily: the result's partitions are those the engine runs.
+def prefix_stats(tok: Any, block: int = 16) -> Any:
+    """Every input partition's prefix counts (`partition_stats`), lazily: one small frame per partition."""
+    return tok.map_partitions(partition_stats, block, meta=_STATS_META)
+
+
+def compute_plan(tok: Any, *, max_tokens: int, npartitions: int, partition_tokens: int | None = None,
+                 block: int = 16) -> PrefixPlan:
+    """The `PrefixPlan` of the tokenized `tok`, computed now (on the current scheduler).
+
+    Eager, as Dask's own `set_index` computes its divisions: the shuffle that
+    follows needs the number of output partitions when its graph is built, and
+    with `partition_tokens` that number depends on the job's cost.  Only the
+    prefix counts come back to the client (one row per distinct prefix hash per
+    input partition, not per row).
+    """
+    return build_plan(prefix_stats(tok, block).compute(), npartitions, max_tokens, block, partition_tokens)
+
+
+def shuffle_to_plan(tok: Any, plan: PrefixPlan) -> Any:
+    """Shuffle the tokenized `tok` lazily into `plan`'s partitions: the result's partitions are those the engine runs.
 
     Its index is TARGET (the partition number); the original index is in the
-    INDEX_PREFIX columns.  Nothing is computed here.
+    INDEX_PREFIX columns.
     """
-    stats = tok.map_partitions(partition_stats, block, meta=_STATS_META)
-    plan = stats.reduction(chunk=_identity, aggregate=build_plan, split_every=False,
-                           aggregate_kwargs={"npartitions": npartitions, "max_tokens": max_tokens, "block": block},
-                           meta=_EMPTY_PLAN)
     meta = tok._meta.drop(columns=[TOKENS, ERROR])
     keyed = tok.map_partitions(assign_partitions, plan, meta=planned_meta(meta))
-    return keyed.set_index(TARGET, divisions=list(range(npartitions + 1)), shuffle_method=shuffle_method(meta))
+    return keyed.set_index(TARGET, divisions=list(range(plan.npartitions + 1)), shuffle_method=shuffle_method(meta))
+
+
+def prefix_shuffle(tok: Any, *, max_tokens: int, npartitions: int, partition_tokens: int | None = None,
+                   block: int = 16) -> Any:
+    """`compute_plan` now, then `shuffle_to_plan` lazily."""
+    plan = compute_plan(tok, max_tokens=max_tokens, npartitions=npartitions, partition_tokens=partition_tokens,
+                        block=block)
+    return shuffle_to_plan(tok, plan)
 
 
 def shuffle_method(meta: pd.DataFrame) -> str | None:
@@ -432,9 +518,3 @@ def shuffle_method(meta: pd.DataFrame) -> str | None:
         return dtype != object
     return None if all(arrow_safe(t) for t in meta.dtypes) else "tasks"
 
-
-def _identity(df: pd.DataFrame) -> pd.DataFrame:
-    return df
-
-
-_EMPTY_PLAN = PrefixPlan(1, 16, 1, 1.0, frozenset(), {})

@@ -221,7 +221,11 @@ def test_each_row_is_tokenized_once_and_the_engine_gets_token_ids(model, monkeyp
     monkeypatch.setattr(planning, "encode", counting_encode)
     monkeypatch.setattr(worker, "get_engine", spying_get_engine)
     df = frame(review_prompts(12))
-    to_dask(df, 3).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE).compute(scheduler="sync")
-    texts = sum(isinstance(p, str) and p != "" for p in df["prompt"])
-    assert len(encoded) == texts                        # tokenized once, though planning reads the ids twice
+    with dask.config.set(scheduler="sync"):
+        out = to_dask(df, 3).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)
+        texts = sum(isinstance(p, str) and p != "" for p in df["prompt"])
+        assert len(encoded) == texts and not engine_prompts  # the plan, computed now: tokenized, nothing generated
+        encoded.clear()
+        out.compute()
+    assert len(encoded) == texts                        # the job tokenizes once, though planning reads the ids twice
     assert len(engine_prompts) == texts and all(not isinstance(p, str) and np.asarray(p).dtype.kind in "iu" for p in engine_prompts)

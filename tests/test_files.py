@@ -200,8 +200,13 @@ def test_a_path_the_client_does_not_see_is_left_to_the_workers(tmp_path):
     missing = str(tmp_path / "on-the-workers-only")
     assert check_visible_model(missing) is None
     df = pd.DataFrame({"prompt": ["a", "b"]})
-    with dask.config.set(scheduler=_no_compute):
-        to_dask(df, 2).llm.generate("prompt", missing, npartitions=2, **ENGINE)
+    with dask.config.set(scheduler=_no_compute):  # one unbounded partition: nothing is planned when it is built
+        to_dask(df, 2).llm.generate("prompt", missing, npartitions=1, partition_tokens=None, **ENGINE)
+    # Otherwise the plan is computed when the job is built (tokenizing only, where the input lives: on a
+    # cluster, the workers); here the client tokenizes and, without the files, the rows carry the error.
+    with dask.config.set(scheduler="sync"):
+        out = to_dask(df, 2).llm.generate("prompt", missing, npartitions=2, **ENGINE)
+    assert out.npartitions == 2
 
 
 # ------------------------------------------------------------------------------------- weights only

@@ -30,6 +30,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _as_tuple(value: object, name: str, what: str) -> tuple:
+    """A list-like field as a tuple; a ValueError naming the field for a value that is not a list (5, a dict)."""
+    listlike = hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
+    _check(listlike, name, f"must be {what}, got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each request's tokens (the vLLM / OpenAI conventions).
@@ -67,8 +74,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         if self.stop_token_ids is None:
             object.__setattr__(self, "stop_token_ids", ())
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", "a string or a list of strings"))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids",
+                                                             "a list of token ids"))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                f"must be an integer >= 1, got {self.max_tokens!r}")
         _check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
