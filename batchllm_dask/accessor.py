@@ -67,7 +67,9 @@ def split_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         raise TypeError(f"generate() got unknown options {unknown}; sampling options are "
                         f"{sorted(sampling_names)}, engine options {sorted(engine_names)}")
     sampling = SamplingParams(**{k: v for k, v in options.items() if k in sampling_names})
-    engine = {k: v for k, v in options.items() if k in engine_names}
+    # `seed` names both; it is the rows' sampling seed (each row's own, row_sampling.py), never a reason to
+    # build another engine
+    engine = {k: v for k, v in options.items() if k in engine_names and k not in sampling_names}
     EngineConfig(**engine)  # raises ValueError naming the field
     return sampling, engine
 

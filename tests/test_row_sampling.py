@@ -48,3 +48,9 @@ def test_sampled_completions_do_not_depend_on_partitioning(tiny_llama_dir):
     assert planned.loc[whole.index, "completion"].tolist() == whole["completion"].tolist()
     assert prompts[0] == prompts[21]  # equal prompts, other keys: other samples
     assert whole.loc[100, "completion"] != whole.loc[121, "completion"]
+
+
+def test_seed_is_a_sampling_option_not_an_engine_option():
+    from batchllm_dask.accessor import split_options
+    sampling, engine = split_options({"seed": 11, "temperature": 0.5, "dtype": "float32"})
+    assert sampling.seed == 11 and engine == {"dtype": "float32"}  # another seed reuses the same engine
