@@ -29,6 +29,26 @@ def to_dask(df: pd.DataFrame, npartitions: int) -> dd.DataFrame:
         return dd.from_pandas(df, npartitions=npartitions)
 
 
+def spy_engine_prompts(monkeypatch) -> list:
+    """A list that every prompt reaching this process's cached engine is appended to (run jobs on Dask's sync
+    scheduler so that they reach this process)."""
+    from batchllm_dask import worker
+    seen: list = []
+    real_get_engine = worker.get_engine
+
+    def spying_get_engine(spec):
+        cached = real_get_engine(spec)
+        real_generate = cached.engine.generate
+
+        class Spy:
+            def generate(self, prompts, sampling, **kwargs):
+                seen.extend(prompts)
+                return real_generate(prompts, sampling, **kwargs)
+        return type(cached)(cached.spec, Spy(), cached.lock)
+    monkeypatch.setattr(worker, "get_engine", spying_get_engine)
+    return seen
+
+
 def kernel_device() -> str:
     """Where Triton kernels run in this test session: the interpreter on the CPU (conftest sets
     TRITON_INTERPRET=1 when there is no CUDA), else the GPU."""

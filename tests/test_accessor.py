@@ -17,7 +17,7 @@ import pytest
 import batchllm_dask
 from batchllm_dask import LLMAccessor
 from batchllm_dask.engine import Engine, SamplingParams
-from _helpers import to_dask
+from _helpers import spy_engine_prompts, to_dask
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20}
 SAMPLING = {"max_tokens": 6, "temperature": 0.0}
@@ -200,26 +200,15 @@ def test_importing_the_package_does_not_import_torch():
 
 
 def test_each_row_is_tokenized_once_and_the_engine_gets_token_ids(model, monkeypatch):
-    from batchllm_dask import planning, worker
-    encoded, engine_prompts = [], []
-    real_encode, real_get_engine = planning.encode, worker.get_engine
+    from batchllm_dask import planning
+    encoded, real_encode = [], planning.encode
 
     def counting_encode(tokenizer, kinds):
         encoded.extend(k for k, _ in kinds if k == "text")
         return real_encode(tokenizer, kinds)
 
-    def spying_get_engine(spec):
-        cached = real_get_engine(spec)
-        real_generate = cached.engine.generate
-
-        class Spy:
-            def generate(self, prompts, sampling, **kwargs):
-                engine_prompts.extend(prompts)
-                return real_generate(prompts, sampling, **kwargs)
-        return type(cached)(cached.spec, Spy(), cached.lock)
-
     monkeypatch.setattr(planning, "encode", counting_encode)
-    monkeypatch.setattr(worker, "get_engine", spying_get_engine)
+    engine_prompts = spy_engine_prompts(monkeypatch)
     df = frame(review_prompts(12))
     with dask.config.set(scheduler="sync"):
         out = to_dask(df, 3).llm.generate("prompt", model, npartitions=2, **SAMPLING, **ENGINE)

@@ -20,7 +20,7 @@ import batchllm_dask  # noqa: F401 - registers .llm
 from batchllm_dask import cli, worker
 from batchllm_dask.checkpoint import MANIFEST, part_name
 from batchllm_dask.engine import Engine, SamplingParams
-from _helpers import to_dask
+from _helpers import spy_engine_prompts, to_dask
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20}
 SAMPLING = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
@@ -48,20 +48,7 @@ def model(tiny_llama_dir) -> str:
 @pytest.fixture
 def engine_prompts(monkeypatch) -> list:
     """Every prompt that reaches an engine in this process (the jobs run on Dask's sync scheduler)."""
-    seen: list = []
-    real_get_engine = worker.get_engine
-
-    def spying_get_engine(spec):
-        cached = real_get_engine(spec)
-        real_generate = cached.engine.generate
-
-        class Spy:
-            def generate(self, prompts, sampling, **kwargs):
-                seen.extend(prompts)
-                return real_generate(prompts, sampling, **kwargs)
-        return type(cached)(cached.spec, Spy(), cached.lock)
-    monkeypatch.setattr(worker, "get_engine", spying_get_engine)
-    return seen
+    return spy_engine_prompts(monkeypatch)
 
 
 def interrupt_after_first_part(monkeypatch, folder) -> None:

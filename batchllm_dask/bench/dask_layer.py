@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import statistics
@@ -38,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .checkpoints import save_random_checkpoint, save_tiny_checkpoint
+from .cuda import free_memory, synchronize
 from .workloads import WORKLOADS, make_workload, summary
 
 TINY_WORKLOAD = "tiny-shared-instructions"
@@ -57,10 +57,10 @@ class DirectPath:
         self.tokens: list[list[int]] = []
 
     def run(self) -> float:
-        _sync()
+        synchronize()
         start = time.perf_counter()
         outs = self.engine.generate(self.prompts, self.sampling)
-        _sync()
+        synchronize()
         seconds = time.perf_counter() - start
         self.tokens = [list(o.token_ids) for o in outs]
         return seconds
@@ -123,7 +123,7 @@ def run_paired(model: str, prompts: list[list[int]], max_tokens: int, engine_opt
     for source, path in paths.items():
         report[source] = _dask_report(times[source], times["direct"], path, max_tokens, loads)
     del direct
-    _free()
+    free_memory()
     return report
 
 
@@ -175,22 +175,9 @@ def _fmt(seconds: list[float]) -> str:
     return "[" + ", ".join(f"{s:.2f}" for s in seconds) + "] s"
 
 
-def _sync() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _device_name() -> str:
     import torch
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def _free() -> None:
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -24,7 +24,6 @@ it prints figures and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ import torch
 
 from ..engine import Engine, SamplingParams
 from ..roofline import SHAPES, ModelShape, lower_bound
+from .cuda import free_memory, synchronize
 from .workloads import WORKLOADS, make_workload, summary
 
 ABLATIONS = {  # name -> engine options that take one technique away
@@ -82,10 +82,10 @@ def params_of(reqs) -> list[SamplingParams]:
 
 def time_engine(engine: Engine, reqs, shape: ModelShape, ceilings: tuple[float, float], workload: str,
                 scale: float, variant: str) -> tuple[Run, list[list[int]]]:
-    _sync()
+    synchronize()
     start = time.perf_counter()
     outs = engine.generate([r.prompt_token_ids for r in reqs], params_of(reqs))
-    _sync()
+    synchronize()
     seconds = time.perf_counter() - start
     tokens = [o.token_ids for o in outs]
     s, info = engine.last_stats, summary(reqs)
@@ -105,23 +105,12 @@ def gpu_busy_seconds(engine: Engine, reqs) -> float:
     from .profile import busy_union, kernel_intervals
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate([r.prompt_token_ids for r in reqs], params_of(reqs))
-        _sync()
+        synchronize()
     return busy_union(kernel_intervals(prof)) / 1e6
 
 
 def _digest(tokens: list[list[int]]) -> str:
     return hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:12]
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def measured_ceilings(tiny: bool) -> tuple[float, float]:
@@ -174,7 +163,7 @@ def run_ablations(path: Path, args, shape: ModelShape, ceilings, base_options: d
             runs.append(run)
             _print(run)
         del engine
-        _free()
+        free_memory()
     return runs
 
 
@@ -188,7 +177,7 @@ def run_kv_pool(path: Path, args, shape: ModelShape, ceilings, base_options: dic
         runs.append(run)
         _print(run)
     del engine
-    _free()
+    free_memory()
     return runs
 
 
@@ -209,7 +198,7 @@ def run_hf(path: Path, args, shape: ModelShape, ceilings) -> list[dict]:
         print(f"transformers static {name} scale {args.hf_scale}: {seconds:.2f} s ({bound / seconds:.1%} of bound)",
               flush=True)
     del model
-    _free()
+    free_memory()
     return rows
 
 
@@ -266,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       f"{args.model}_{args.profile}"))
     runs += run_ablations(path, args, shape, ceilings, base_options, args.workloads, full_tokens, engine)
     del engine
-    _free()
+    free_memory()
     if args.kv_gib:
         runs += run_kv_pool(path, args, shape, ceilings, base_options, args.kv_workloads)
     hf = run_hf(path, args, shape, ceilings) if args.hf_workloads and not args.tiny else []

@@ -28,7 +28,6 @@ On a CPU, to check the script itself (tiny model, 2 CPU workers, 2 gloo ranks, s
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 from ..engine.parallel import multicast_off
 from .checkpoints import save_random_checkpoint, save_tiny_checkpoint
+from .cuda import free_memory, synchronize
 from .workloads import WORKLOADS, make_workload, summary
 
 TINY = {"shared-instructions": "tiny-shared-instructions", "skewed": "tiny-skewed"}
@@ -133,14 +133,14 @@ def run_tensor_parallel(model: str, prompts: list[list[int]], max_tokens: int, e
     single = Engine(model, **engine_options)
     one = _timed(single, prompts, sampling)
     del single
-    _free()
+    free_memory()
     graphs_ok = True
     try:
         tp = Engine(model, tensor_parallel_size=size, **engine_options)
     except RuntimeError as exc:  # CUDA graphs over NCCL collectives did not capture: run eager and say so
         print(f"TP engine with CUDA graphs failed ({exc!r}); again without graphs", flush=True)
         graphs_ok = False
-        _free()
+        free_memory()
         tp = Engine(model, tensor_parallel_size=size, **{**engine_options, "cuda_graphs": False})
     try:
         many = _timed(tp, prompts, sampling)
@@ -155,26 +155,13 @@ def run_tensor_parallel(model: str, prompts: list[list[int]], max_tokens: int, e
 
 def _timed(engine: Any, prompts: list[list[int]], sampling: Any) -> dict[str, Any]:
     engine.generate(prompts[: max(1, len(prompts) // 8)], sampling)  # warm-up
-    _sync()
+    synchronize()
     start = time.perf_counter()
     outs = engine.generate(prompts, sampling)
-    _sync()
+    synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": [list(o.token_ids) for o in outs],
             "tokens_per_s": sum(o.completion_tokens for o in outs) / seconds}
-
-
-def _sync() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _free() -> None:
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _device_name() -> str:
@@ -235,7 +222,7 @@ def _setup(args, tmp: Path, gpus: int) -> tuple[str, int, dict, bool]:
     start = time.perf_counter()
     model = save_random_checkpoint(tmp / args.shape, args.shape, device="cuda" if gpus else "cpu")
     print(f"checkpoint {args.shape} written in {time.perf_counter() - start:.1f} s", flush=True)
-    _free()
+    free_memory()
     options = {"dtype": "bfloat16", "device": "cuda", "kv_cache_bytes": int(args.kv_cache_gib * 2**30)}
     return str(model), SHAPES[args.shape].vocab, options, gpus > 0
 

@@ -54,6 +54,7 @@ import pandas as pd
 from ..planning import (DEFAULT_PARTITION_TOKENS, ERROR, TARGET, TOKENS, assign_partitions, build_plan,
                         partition_stats, token_column)
 from ..roofline import SHAPES, ModelShape, lower_bound
+from .cuda import free_memory, synchronize
 from .workloads import Spec, make_workload, summary
 
 SMOKE_WORKLOAD = Spec(n_systems=2, system_len=(32, 32), docs_per_system=1, doc_len=(0, 0), questions_per_doc=6,
@@ -119,7 +120,7 @@ def run_parts(engine, reqs, parts: list[list[int]]) -> tuple[float, list[list[in
     """Each partition as one `generate` call, one after another: (seconds, tokens by request, summed stats)."""
     tokens: list[list[int]] = [[] for _ in reqs]
     totals = {"steps": 0, "preemptions": 0, "recomputed_tokens": 0, "oom_retries": 0, "peak_kv_pages": 0}
-    _sync()
+    synchronize()
     start = time.perf_counter()
     for part in parts:
         outs = engine.generate([reqs[i].prompt_token_ids for i in part], _params([reqs[i] for i in part]))
@@ -129,7 +130,7 @@ def run_parts(engine, reqs, parts: list[list[int]]) -> tuple[float, list[list[in
         for key in ("steps", "preemptions", "recomputed_tokens", "oom_retries"):
             totals[key] += getattr(s, key)
         totals["peak_kv_pages"] = max(totals["peak_kv_pages"], s.peak_kv_pages)
-    _sync()
+    synchronize()
     return time.perf_counter() - start, tokens, totals
 
 
@@ -237,7 +238,7 @@ def small_pools(path, options, baseline: tuple, page: tuple[int, int], shape, ce
         info["slowdown"][variant.name] = variant.seconds / base.seconds
         variants.append(variant)
         del small
-        _free()
+        free_memory()
     return variants, info
 
 
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         baseline = kv_baseline(engine, args, shape, ceilings, split_baseline)
         page = (engine._page_bytes(), engine.config.page_size)
         del engine  # its pool must go before the small-pool engines take theirs
-        _free()
+        free_memory()
         kv, report["memory_pressure"] = small_pools(path, options, baseline, page, shape, ceilings,
                                                        args.workload)
         report["memory_pressure"]["scale"] = args.kv_scale
@@ -350,21 +351,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_partitions_{report['model']}.json").write_text(json.dumps(report, indent=1, default=str))
     return report
-
-
-def _sync() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _free() -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -77,12 +77,8 @@ def check_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     tokenizer: the `tokenizer=` option (a folder with tokenizer files, or a GGUF file), which must then hold
     one; without it the model's own tokenizer files are used if it has them.
     """
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model: {path} does not exist (a checkpoint folder or a .gguf file)")
-    file = gguf.find_gguf(path)
+    path, file = _existing("model", model, "a checkpoint folder or a .gguf file")
     if file is not None:
-        check_gguf(file)
         return ModelCheck(file, None, (), _tokenizer_of(tokenizer) if tokenizer is not None else file)
     if path.is_file():
         raise ValueError(f"model: {path} is a file, but a model is a checkpoint folder (config.json and "
@@ -344,14 +340,21 @@ def missing_tokenizer_message(folder: str | os.PathLike) -> str:
             f"token-id prompts only; for text or chat prompts give tokenizer=<a folder with the model's tokenizer>")
 
 
-def _tokenizer_of(tokenizer: str | os.PathLike) -> Path:
-    """The folder (or GGUF file) the `tokenizer` option names, which must hold a tokenizer."""
-    path = Path(tokenizer).expanduser()
+def _existing(option: str, value: str | os.PathLike, what: str) -> tuple[Path, Path | None]:
+    """The path an option names, which must exist, and the GGUF file it is or holds, checked (else None)."""
+    path = Path(value).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer: {path} does not exist (a folder with tokenizer files, or a .gguf file)")
+        raise FileNotFoundError(f"{option}: {path} does not exist ({what})")
     file = gguf.find_gguf(path)
     if file is not None:
         check_gguf(file)
+    return path, file
+
+
+def _tokenizer_of(tokenizer: str | os.PathLike) -> Path:
+    """The folder (or GGUF file) the `tokenizer` option names, which must hold a tokenizer."""
+    path, file = _existing("tokenizer", tokenizer, "a folder with tokenizer files, or a .gguf file")
+    if file is not None:
         return file
     if not path.is_dir() or not has_tokenizer(path):
         raise FileNotFoundError(f"tokenizer: {path} lacks the tokenizer files ({TOKENIZER_FILES})")
