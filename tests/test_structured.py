@@ -235,6 +235,19 @@ def test_masks_rows_and_padded_vocabulary(tokenizer):
     assert matchers.fill_mask([1]).data_ptr() != matchers.fill_mask([1]).data_ptr()  # two buffers in turn
 
 
+
+def test_mask_counters_count_constrained_rows_only(tokenizer):
+    """masks_computed grows by the constrained rows of each fill_mask, tokens_accepted by those of each accept
+    (bench.structured reports their ratio: masks computed per generated token)."""
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    params = {rid: SamplingParams(**({"regex": "[a-z]+"} if rid % 2 else {})) for rid in range(6)}
+    matchers = compiler.start(params)
+    for step in range(3):
+        matchers.fill_mask(list(params))
+        matchers.accept(list(params), [ord("a")] * len(params))
+    constrained = sum(1 for p in params.values() if p.constraint is not None)
+    assert matchers.masks_computed == matchers.tokens_accepted == 3 * constrained
+
 # --------------------------------------------------------------------------- typed columns
 
 def test_column_dtypes_follow_the_schema():

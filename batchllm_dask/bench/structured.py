@@ -93,13 +93,14 @@ def install_tokenizer(checkpoint: Path, tokenizer: Any) -> None:
 # ------------------------------------------------------------------------------------ the runs
 
 class GrammarTimer:
-    """Host seconds spent in `GrammarMatchers.fill_mask` and `accept`, wrapped inside the `with` block."""
+    """Host seconds spent in `GrammarMatchers.fill_mask` and `accept`, wrapped inside the `with` block, and
+    the masks the grammar computed per constrained token accepted (1.0: a full mask for every token)."""
 
     NAMES = ("fill_mask", "accept")
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
-        self.calls = 0
+        self.calls = self.masks = self.tokens = 0
         self._originals = {name: getattr(GrammarMatchers, name) for name in self.NAMES}
 
     def __enter__(self) -> "GrammarTimer":
@@ -114,17 +115,21 @@ class GrammarTimer:
     def _timed(self, name: str, method: Any) -> Any:
         def timed(matchers, *args):
             start = time.perf_counter()
+            before = matchers.masks_computed, matchers.tokens_accepted
             try:
                 return method(matchers, *args)
             finally:
                 self.seconds[name] += time.perf_counter() - start
                 self.calls += name == "fill_mask"
+                self.masks += matchers.masks_computed - before[0]
+                self.tokens += matchers.tokens_accepted - before[1]
         return timed
 
     def take(self) -> dict[str, float]:
-        out = {**{f"{k}_seconds": v for k, v in self.seconds.items()}, "fill_mask_calls": self.calls}
+        out = {**{f"{k}_seconds": v for k, v in self.seconds.items()}, "fill_mask_calls": self.calls,
+               "masks_computed": self.masks, "masks_per_token": self.masks / max(1, self.tokens)}
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
-        self.calls = 0
+        self.calls = self.masks = self.tokens = 0
         return out
 
 
@@ -234,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
           f"(target >= 0.85); {last['output_tokens']} output tokens a run, "
           f"valid {last['valid']}/{len(prompts)}, cut by max_tokens {last['cut_by_max_tokens']}; "
           f"grammar host time in the last run: fill_mask {last['fill_mask_seconds']:.2f}s over "
-          f"{last['fill_mask_calls']} steps, accept {last['accept_seconds']:.2f}s; wrote {out}")
+          f"{last['fill_mask_calls']} steps ({last['masks_computed']} masks, {last['masks_per_token']:.2f} per "
+          f"generated token), accept {last['accept_seconds']:.2f}s; wrote {out}")
 
 
 if __name__ == "__main__":

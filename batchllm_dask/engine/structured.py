@@ -114,6 +114,8 @@ class GrammarMatchers:
         self._buffers: list[torch.Tensor] = []
         self._next_buffer = 0
         self.words = (compiler.vocab_size + 31) // 32
+        self.masks_computed = 0  # rows whose mask the grammar library computed (bench.structured reports
+        self.tokens_accepted = 0  # them per accepted token: 1.0 means a full mask for every constrained token)
 
     def constrained(self, request_id: int) -> bool:
         return request_id in self._templates and request_id not in self._released
@@ -127,6 +129,7 @@ class GrammarMatchers:
         if not rows:
             return None
         mask = self._buffer(len(request_ids))
+        self.masks_computed += len(rows)
         if len(rows) < len(request_ids):
             mask.fill_(-1)
         # llguidance.torch.fill_next_token_bitmask_par without its module, which imports torch.compile
@@ -142,6 +145,7 @@ class GrammarMatchers:
         for rid, token in zip(request_ids, tokens):
             if self.constrained(rid):
                 matcher = self._matcher(rid)
+                self.tokens_accepted += 1
                 if not matcher.consume_token(int(token)) or matcher.is_stopped():
                     ended.append(rid)
         return ended
