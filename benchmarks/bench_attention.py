@@ -16,7 +16,7 @@ shared prefix of 512, 2048 or 8192 tokens, each with its own suffix of 128 or
 Prints a markdown table and writes bench_attention.json under --out (default $OUT).
 Usage: python benchmarks/bench_attention.py [--out DIR] [--quick | --tune | --prefill]
 
---prefill: mixed steps with prefill chunks (the split launch's big-tile configs, the old one-launch
+--prefill: mixed steps with prefill chunks (the 128-row big-tile configs, the decode plans' 64-row
 plan, and FlashAttention through torch SDPA on the same prefill work).
 """
 from __future__ import annotations
@@ -110,15 +110,20 @@ def bench_one(group: int, prefix: int, suffix: int, bandwidth: float, check: boo
 # big tiles of 128 rows with 8 warps were slower everywhere; 3 stages within noise.  Run 3: 128 keys per
 # step in big tiles slowed every batch, even those without big tiles (the kernel's registers are the max of
 # both tile classes: lower occupancy for the small ones); 8 or 32 programs per SM no better than 16.
-VARIANTS = {"base": (16, 64, 2, 64, 64), "bn128": (16, 64, 2, 64, 128), "bn128_sn128": (16, 64, 2, 128, 128),
-            "bn128_st3": (16, 64, 3, 64, 128), "split32_bn128": (32, 64, 2, 64, 128), "split8": (8, 64, 2, 64, 64)}
+# Run 4 (H200, 2026-12-02, engine-like decode steps, devrun sweep recorded in BENCHMARKS.md): 2 warps per
+# small tile beat 4 (no-sharing decodes 70% -> 87% of the copy bandwidth); each class now has its own launch.
+# name: (programs per SM for split-K, big tile rows of decode plans, small-tile config, 64-row big-tile config)
+T = prefix_attention.TileConfig
+VARIANTS = {"base": (16, 64, T(64, 2, 2), T(64, 4, 2)), "small_w4": (16, 64, T(64, 4, 2), T(64, 4, 2)),
+            "small_n128": (16, 64, T(128, 2, 2), T(64, 4, 2)), "small_st3": (16, 64, T(64, 2, 3), T(64, 4, 2)),
+            "big128": (16, 128, T(64, 2, 2), T(64, 4, 2)), "split8": (8, 64, T(64, 2, 2), T(64, 4, 2))}
 TUNE_SHAPES = [(1, 2048, 512), (8, 8192, 128), (32, 2048, 128), (32, 2048, 512), (32, 8192, 128),
                (128, 2048, 128), (128, 8192, 128)]
 
 
 def set_variant(name: str) -> None:
-    (attention_plan.PROGRAMS_PER_SM, attention_plan.BIG_M_MAX, prefix_attention._NUM_STAGES,
-     prefix_attention._BLOCK_N, prefix_attention._BIG_BLOCK_N) = VARIANTS[name]
+    attention_plan.PROGRAMS_PER_SM, attention_plan.BIG_M_MAX, small, big64 = VARIANTS[name]
+    prefix_attention.SMALL_TILE, prefix_attention.BIG_TILES[64] = small, big64
 
 
 def tune(bandwidth: float, out_dir: str) -> None:
@@ -197,7 +202,7 @@ def sdpa_same_shapes(chunks: int, chunk: int, prefix: int, decodes: int, hq: int
 
 
 def bench_prefill(out_dir: str) -> None:
-    """Each big-tile config of the split launch, and the old one-launch mixed plan, on mixed steps at llama-8b
+    """Each 128-row big-tile config, and the 64-row big tiles of decode plans, on mixed steps at llama-8b
     (head_dim 128) and llama-1b (64) head shapes, against FlashAttention (SDPA) on the same prefill work."""
     results = []
     for hq, hkv, d in ((32, 8, 128), (32, 8, 64)):
@@ -208,7 +213,7 @@ def bench_prefill(out_dir: str) -> None:
             out = torch.empty_like(q)
             row = {"head_dim": d, "shape": name, "gflop": flops / 1e9}
             for bn, warps, stages in PREFILL_CONFIGS:
-                prefix_attention.BIG_TILE_CONFIGS[d] = prefix_attention.BigTileConfig(bn, warps, stages)
+                prefix_attention.BIG_TILE_CONFIGS[d] = prefix_attention.TileConfig(bn, warps, stages)
                 _plan_for.__globals__["_plan_cache"].clear()
                 fused_paged_attention(q, k, v, work, d ** -0.5, out=out)
                 if ref is not None:
@@ -218,7 +223,7 @@ def bench_prefill(out_dir: str) -> None:
                               return_mode="median")
                 row[f"split_n{bn}_w{warps}_s{stages}"] = ms
             prefix_attention.BIG_TILE_CONFIGS.pop(d, None)
-            # the one-launch mixed plan (64-row big tiles, as a CUDA graph runs it), attached to a copy of the work
+            # the decode plans' 64-row big tiles (as a CUDA graph runs them), attached to a copy of the work
             mixed = dataclasses.replace(work)
             host = prefix_attention.host_plan(work, q.shape[0], hq, hkv, q.device, split=False)
             to_dev = {n: torch.from_numpy(a).cuda() for n, a in attention_plan.host_plan_arrays(host).items()}

@@ -138,7 +138,7 @@ def test_layout_write_lays_out_the_plan_and_checks_capacity():
     flat = np.full(layout.size, -7, dtype=np.int32)
     layout.write(flat, plan)
     counts, tiles, rows, ptr, parts = layout.views(flat)
-    assert counts.tolist() == [plan.num_tiles, plan.num_merge_rows]
+    assert counts.tolist() == [plan.num_tiles, plan.num_merge_rows, plan.num_big]
     assert (tiles == plan.tiles).all() and (parts == plan.merge_parts).all()
     assert (rows[:plan.num_merge_rows] == plan.merge_rows).all() and set(range(12, 16)) <= set(plan.merge_rows)
     assert not ap.FixedPlanLayout(plan.num_tiles - 1, 16, plan.num_parts).fits(plan)

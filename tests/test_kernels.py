@@ -224,6 +224,20 @@ def test_plan_tiles_cover_every_key_once():
     assert np.diff(plan.merge_ptr.numpy()).min(initial=2) >= 2  # merge rows have >= 2 partials here
 
 
+
+@pytest.mark.parametrize("big_m_max", [ap.BIG_M_MAX, ap.SPLIT_BIG_M])
+def test_every_plan_lists_its_big_tiles_first(big_m_max):
+    """Each tile class has its own launch over its slice of the table (a fixed grid: from the counts), so
+    decode plans as well as eager ones must hold the big tiles, and only them, in [0, num_big)."""
+    rng = random.Random(big_m_max)  # a fixed tree: it has groups of both tile classes
+    batch = random_tree(rng, 24, levels=2, max_group=12, max_prefix=300, max_suffix=200)
+    work = batch.work(16, 10_000, rng, "cpu")
+    plan = ap.plan_on_host(work, batch.num_rows, group=4, num_kv_heads=2, num_sms=8, block_n=64,
+                           big_m_max=big_m_max)
+    flags = plan.tiles[:, ap.BIG]
+    assert 0 < plan.num_big < plan.num_tiles
+    assert flags[:plan.num_big].all() and not flags[plan.num_big:].any()
+
 # ---- GPU: real sizes (llama-8b heads), fp32 reference, tolerances of METHOD.md ----
 
 def llama_batch(num_requests, group_size, prefix_len, suffix_len, levels=1):

@@ -15,10 +15,10 @@ instead a graph captured for the bucket size B' >= B (`bucket_sizes`):
   dropped.  Every op of the model is row-wise except attention, so real rows see no
   padding; the attention plan is the eager path's plan (the same tiles), so the
   attention of real rows is computed exactly as eagerly.
-* Fixed grids.  The attention launches take capacity grids (prefix_attention's
-  FIXED_GRID flag); programs past the step's counts, read from the device, do
-  nothing.  A graph is keyed by the bucket and the kernel's tile classes; its tile
-  and partial capacities are powers of two that grow (a new capture) when a step
+* Fixed grids.  The attention launches (one per tile class) take capacity grids
+  (prefix_attention's FIXED_GRID flag); programs past the step's counts, read from
+  the device, do nothing.  A graph is keyed by the bucket and the kernel's tile
+  classes; its big-tile, small-tile and partial capacities are powers of two that grow (a new capture) when a step
   needs more, up to the buffers' size.  A step past that runs eagerly.
 * Capture lazily, on a bucket's first step: one eager warm-up run on the capture
   stream (it compiles the Triton kernels and sets up cuBLAS there), then the
@@ -102,8 +102,9 @@ class CudaGraphCapture:
 class _Graph:
     replay: Callable[[], Any]  # holds the graph
     logits: torch.Tensor  # [size, vocab] float32, rewritten by each replay
-    tiles: int  # capacities it was captured with
+    tiles: int  # capacities it was captured with: small tiles, partials, big tiles
     parts: int
+    big: int
     work: AttentionWork  # the stand-in work list its plan is bound to (the binding lives as long as it)
 
 
@@ -114,6 +115,7 @@ class _Capacity:
     variant: tuple[int, int, bool]
     num_tiles: int
     num_parts: int
+    num_big: int
 
 
 class DecodeGraphs:
@@ -205,28 +207,30 @@ class DecodeGraphs:
         small_m, big_m = tile_sizes(group, 1)
         spread = 2 * PROGRAMS_PER_SM * _num_sms(self.device) // self.num_kv_heads  # split-K's prefix tiles
         for size in self.sizes:
-            self._graph_for(size, _Capacity((small_m, big_m, False), size + spread, 2 * (size + spread)))
+            self._graph_for(size, _Capacity((small_m, big_m, False), size + 2 * spread, 2 * (size + spread), spread))
 
     def _graph_for(self, size: int, plan: HostPlan) -> _Graph:
         """The graph of this bucket and tile classes, captured (again, larger) when the plan needs more."""
         key = (size, *plan.variant)
         graph = self.graphs.get(key)
-        if graph is not None and plan.num_tiles <= graph.tiles and plan.num_parts <= graph.parts:
+        small = plan.num_tiles - plan.num_big
+        if graph is not None and small <= graph.tiles and plan.num_big <= graph.big and plan.num_parts <= graph.parts:
             return graph
-        old_tiles, old_parts = (graph.tiles, graph.parts) if graph is not None else (0, 0)
-        tiles = grown_capacity(plan.num_tiles, old_tiles, _MIN_TILES, self.layout.max_tiles)
-        parts = grown_capacity(plan.num_parts, old_parts, _MIN_PARTS, self.layout.max_parts)
+        old = (graph.tiles, graph.parts, graph.big) if graph is not None else (0, 0, 0)
+        tiles = grown_capacity(small, old[0], _MIN_TILES, self.layout.max_tiles)
+        parts = grown_capacity(plan.num_parts, old[1], _MIN_PARTS, self.layout.max_parts)
+        big = grown_capacity(plan.num_big, old[2], _MIN_TILES, self.layout.max_tiles)
         self.graphs.pop(key, None)  # its memory goes back to the pool before the new capture
-        graph = self.graphs[key] = self._capture(size, plan.variant, tiles, parts)
+        graph = self.graphs[key] = self._capture(size, plan.variant, tiles, parts, big)
         return graph
 
-    def _capture(self, size: int, variant: tuple, tiles: int, parts: int) -> _Graph:
+    def _capture(self, size: int, variant: tuple, tiles: int, parts: int, big: int) -> _Graph:
         cap = self.sizes[-1]
         plan_buffer = self.static[self._plan_at:self._pages_at]
         empty = self.static[:0]
         # A stand-in work list: the bound plan replaces its items, the kernel reads only page_ids.
         work = AttentionWork(empty, empty, empty, empty, empty, self.static[self._pages_at:], 0, 1, 0)
-        bind_plan(work, self.layout.device_plan(plan_buffer, variant, tiles, size, parts))
+        bind_plan(work, self.layout.device_plan(plan_buffer, variant, tiles, size, parts, big))
         ids, positions, slots = (self.static[i * cap:i * cap + size] for i in range(3))
 
         def forward() -> torch.Tensor:
@@ -236,7 +240,7 @@ class DecodeGraphs:
 
         replay, logits = self.capture(forward)
         self.captures += 1
-        return _Graph(replay, logits, tiles, parts, work)
+        return _Graph(replay, logits, tiles, parts, big, work)
 
 
 def unsupported_reason(model: CausalLM, k_cache: torch.Tensor, attention_backend: str) -> str | None:

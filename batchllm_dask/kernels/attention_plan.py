@@ -10,13 +10,13 @@ KV head:
   `group` query heads that share a KV head (GQA), so a prefix group's decode
   queries form one `tl.dot` operand and the prefix is read once per group.
   Two tile classes: small tiles (`small_m` = 16 packed rows, a decode suffix)
-  and big tiles (`big_m`, a prefix group or a prefill chunk).  A decode-only
-  plan (a CUDA graph's) keeps big tiles at 64 rows, in one launch with the
-  small ones; a plan with long query items (prefill chunks, `big_m_max` 128)
-  gets 128-row big tiles, listed first and run by a launch of their own with
-  more warps and pipeline stages (prefix_attention.py): the arithmetic of
-  prefill attention needs the big tile, the small tiles would only be slowed
-  by its registers.
+  and big tiles (`big_m`, a prefix group or a prefill chunk).  Big tiles are
+  listed first and each class has a launch of its own with its own warps and
+  pipeline stages (prefix_attention.py): prefill attention needs the big
+  tile's arithmetic, while a decode suffix is a stream of KV bytes that runs
+  best with few warps per program and many programs per SM.  A decode-only
+  plan (a CUDA graph's) keeps big tiles at 64 rows; a plan with long query
+  items (prefill chunks, `big_m_max` 128) gets 128-row big tiles.
 * Causal clipping: a causal tile's keys stop after its last row's last visible
   key, so prefill chunks do no work on the masked triangle's far side.
 * Split-K: a segment's keys are cut into splits of `split_len`, chosen so the
@@ -49,8 +49,8 @@ ROW0, N_ROWS, KV_START, KV_END, CAUSAL_SHIFT, PAGE_START, PART_BASE, BIG = range
 TILE_FIELDS = 8
 NO_CAUSAL = 2**30  # causal shift of a non-causal tile: every key is visible
 PROGRAMS_PER_SM = 16  # split-K target: programs of equal work per SM (short tiles keep the tail short)
-BIG_M_MAX = 64  # the big tile of a mixed-class launch (decode-only steps, CUDA graphs)
-SPLIT_BIG_M = 128  # the big tile of a plan whose big tiles get their own launch (steps with prefill chunks)
+BIG_M_MAX = 64  # the big tile of decode-only plans (CUDA graphs: one compiled variant for every step)
+SPLIT_BIG_M = 128  # the big tile of eager plans (steps with prefill chunks)
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,8 @@ class AttentionPlan:
     small_m: int
     big_m: int
     split_len: int
-    counts: torch.Tensor | None = None  # [2] int32 (tiles, merge rows) of a fixed-grid plan's step
-    num_big: int = 0  # a split plan (big_m == SPLIT_BIG_M): tiles [0, num_big) are big, the rest small
-
-    @property
-    def split(self) -> bool:
-        return self.big_m == SPLIT_BIG_M and self.counts is None
+    counts: torch.Tensor | None = None  # [3] int32 (tiles, merge rows, big tiles) of a fixed-grid plan's step
+    num_big: int = 0  # tiles [0, num_big) are big, the rest small (a fixed-grid plan: the big-tile grid)
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ class HostPlan:
     small_m: int
     big_m: int
     split_len: int
-    num_big: int = 0  # tiles with the BIG flag; in a split plan they come first
+    num_big: int = 0  # tiles with the BIG flag; they come first
 
     @property
     def num_tiles(self) -> int:
@@ -117,7 +113,7 @@ def _cdiv(a, b):
 def tile_sizes(group: int, max_q_len: int, big_m_max: int = BIG_M_MAX) -> tuple[int, int]:
     """(small_m, big_m): packed rows of the two tile classes; each holds whole query rows.
 
-    big_m_max SPLIT_BIG_M: 128-row big tiles where an item has that many packed rows (a split plan)."""
+    big_m_max SPLIT_BIG_M: 128-row big tiles where an item has that many packed rows (eager plans)."""
     small_m = max(16, 1 << (group - 1).bit_length())
     big_m = big_m_max if max_q_len * group >= big_m_max else 64
     return small_m, max(small_m, big_m)
@@ -172,10 +168,8 @@ def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: i
     tiles[:, PAGE_START] = page_start[it]
     tiles[:, BIG] = big[blk]
     work_per_tile = (tiles[:, KV_END] - tiles[:, KV_START]) * (1 + tiles[:, BIG])
-    split = big_m == SPLIT_BIG_M
-    # longest first (a greedy LPT order for the hardware scheduler); a split plan lists its big tiles first
-    order = np.lexsort((-work_per_tile, -tiles[:, BIG])) if split else np.argsort(-work_per_tile, kind="stable")
-    tiles = tiles[order]
+    # big tiles first (their own launch), each class longest first (a greedy LPT order for the hardware scheduler)
+    tiles = tiles[np.lexsort((-work_per_tile, -tiles[:, BIG]))]
 
     merge_rows, merge_ptr, merge_parts, num_parts = _merge_lists(tiles, num_rows)
     return HostPlan(tiles, merge_rows, merge_ptr, merge_parts, num_parts,
@@ -250,7 +244,7 @@ def _ranges(lengths: np.ndarray) -> np.ndarray:
 class FixedPlanLayout:
     """Where the plans of a CUDA graph's steps live in one flat int32 buffer.
 
-        [counts (2) | tiles (max_tiles x TILE_FIELDS) | merge_rows (max_rows) | merge_ptr (max_rows + 1)
+        [counts (3) | tiles (max_tiles x TILE_FIELDS) | merge_rows (max_rows) | merge_ptr (max_rows + 1)
          | merge_parts (max_parts)]
 
     A graph captures launches over views of the device buffer; each step writes its
@@ -265,11 +259,11 @@ class FixedPlanLayout:
 
     @property
     def size(self) -> int:
-        return 2 + self.max_tiles * TILE_FIELDS + 2 * self.max_rows + 1 + self.max_parts
+        return 3 + self.max_tiles * TILE_FIELDS + 2 * self.max_rows + 1 + self.max_parts
 
     def views(self, flat):
         """(counts, tiles, merge_rows, merge_ptr, merge_parts) of `flat` (numpy or torch, >= size long)."""
-        ends = np.cumsum([2, self.max_tiles * TILE_FIELDS, self.max_rows, self.max_rows + 1, self.max_parts])
+        ends = np.cumsum([3, self.max_tiles * TILE_FIELDS, self.max_rows, self.max_rows + 1, self.max_parts])
         counts, tiles, rows, ptr, parts = (flat[a:b] for a, b in zip([0, *ends[:-1]], ends))
         return counts, tiles.reshape(self.max_tiles, TILE_FIELDS), rows, ptr, parts
 
@@ -280,18 +274,21 @@ class FixedPlanLayout:
     def write(self, flat: np.ndarray, plan: HostPlan) -> None:
         """Lay `plan` out in the host buffer `flat` (int32); it must fit."""
         counts, tiles, rows, ptr, parts = self.views(flat)
-        counts[:] = (plan.num_tiles, plan.num_merge_rows)
+        counts[:] = (plan.num_tiles, plan.num_merge_rows, plan.num_big)
         tiles[:plan.num_tiles] = plan.tiles
         rows[:plan.num_merge_rows] = plan.merge_rows
         ptr[:plan.num_merge_rows + 1] = plan.merge_ptr
         parts[:plan.num_parts] = plan.merge_parts
 
     def device_plan(self, flat: torch.Tensor, variant: tuple[int, int, bool], grid_tiles: int, grid_rows: int,
-                    scratch_parts: int) -> AttentionPlan:
-        """A fixed-grid plan over the device buffer: tile and merge grids of grid_tiles and grid_rows programs,
-        scratch for scratch_parts partials; `variant` (HostPlan.variant) fixes the kernel's tile classes."""
-        assert grid_tiles <= self.max_tiles and grid_rows <= self.max_rows and scratch_parts <= self.max_parts
+                    scratch_parts: int, grid_big: int | None = None) -> AttentionPlan:
+        """A fixed-grid plan over the device buffer: grids of grid_big big-tile programs (default grid_tiles),
+        grid_tiles small-tile ones and grid_rows merge ones, scratch for scratch_parts partials; `variant`
+        (HostPlan.variant) fixes the kernel's tile classes."""
+        grid_big = grid_tiles if grid_big is None else grid_big
+        assert max(grid_tiles, grid_big) <= self.max_tiles and grid_rows <= self.max_rows
+        assert scratch_parts <= self.max_parts
         counts, tiles, rows, ptr, parts = self.views(flat)
         small_m, big_m, has_causal = variant
         return AttentionPlan(tiles, rows, ptr, parts, grid_tiles, scratch_parts, grid_rows, has_causal, small_m,
-                             big_m, 0, counts)
+                             big_m, 0, counts, num_big=grid_big)

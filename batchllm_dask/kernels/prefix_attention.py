@@ -13,10 +13,14 @@ into tiles; one program computes one tile for one KV head:
   normalised partial and log-sum-exp to a scratch row.
 
 Prefix tiles (many rows, non-causal), decode suffix tiles (one row), split-K
-pieces of long prefixes and causal prefill chunks (CAUSAL) all run in the same
-launch: two tile classes, small (SMALL_M packed rows) and big (BIG_M), are two
-instantiations of one tile function behind a run-time branch.  A second, small
-launch merges the partials of each row exactly by their log-sum-exp.
+pieces of long prefixes and causal prefill chunks (CAUSAL) are two tile classes,
+small (SMALL_M packed rows) and big (BIG_M): two instantiations of one tile
+function, one launch per class with its own launch settings (`TileConfig`).
+A decode suffix tile streams its KV once with little arithmetic: it runs best
+with 2 warps, so that many programs share an SM and keep many loads in flight
+(an H200, 2026-12-02: 70% -> 87% of the copy bandwidth on 256 decodes of
+256-1152 keys).  A big tile needs the warps for its matrix products.  A second,
+small launch merges the partials of each row exactly by their log-sum-exp.
 
 CUDA graphs (FIXED_GRID): a captured launch cannot change its grid, and the
 launcher cannot read the step's work list then.  `bind_plan` gives a work list a
@@ -45,26 +49,29 @@ import triton.language as tl
 from . import attention_plan as ap
 from .reference import AttentionWork, paged_attention_reference
 
-_BLOCK_N = 64  # keys per step of a small tile (a decode suffix)
-_BIG_BLOCK_N = 64  # keys per step of a big tile (a prefix group, a prefill chunk)
-_NUM_STAGES = 2
+_BLOCK_N = 64  # keys per step of a small tile (the split-K planner sizes splits in these blocks)
 
 
 @dataclass(frozen=True)
-class BigTileConfig:
-    """Launch settings of the split plans' big-tile launch (128-row tiles: prefill chunks, big groups)."""
+class TileConfig:
+    """Launch settings of one tile class: keys per step, warps, software-pipeline stages."""
 
     block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
+    num_warps: int = 4
+    num_stages: int = 2
 
 
-# Per head_dim; a benchmark may try others (benchmarks/bench_attention.py --prefill).
-BIG_TILE_CONFIGS: dict[int, BigTileConfig] = {}
+SMALL_TILE = TileConfig(block_n=_BLOCK_N, num_warps=2, num_stages=2)  # decode suffixes
+# Big tiles by their rows: 128 (prefill chunks, big groups of eager plans) and 64 (decode plans' prefix groups).
+BIG_TILES = {128: TileConfig(block_n=64, num_warps=8, num_stages=3), 64: TileConfig(block_n=64, num_warps=4)}
+# Per head_dim overrides of the 128-row config; a benchmark may try others (bench_attention.py --prefill).
+BIG_TILE_CONFIGS: dict[int, TileConfig] = {}
 
 
-def big_tile_config(head_dim: int) -> BigTileConfig:
-    return BIG_TILE_CONFIGS.get(head_dim, BigTileConfig())
+def big_tile_config(head_dim: int, big_m: int = 128) -> TileConfig:
+    if big_m >= 128 and head_dim in BIG_TILE_CONFIGS:
+        return BIG_TILE_CONFIGS[head_dim]
+    return BIG_TILES[128 if big_m >= 128 else 64]
 
 
 @triton.jit
@@ -145,10 +152,7 @@ def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv
                   SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                   TILE_CLASS: tl.constexpr):
-    """One tile of the table for one KV head: its fields, then the big or the small tile function.
-
-    TILE_CLASS 0: either, by the tile's BIG flag (a mixed launch); 1: small only; 2: big only (split launches).
-    """
+    """One tile of the table for one KV head: its fields, then the big (TILE_CLASS 2) or small (1) tile function."""
     row0 = tl.load(tile + 0)
     n_rows = tl.load(tile + 1)
     kv_start = tl.load(tile + 2)
@@ -156,11 +160,7 @@ def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv
     causal_shift = tl.load(tile + 4)
     page_start = tl.load(tile + 5)
     part_base = tl.load(tile + 6)
-    if TILE_CLASS == 0:
-        big = tl.load(tile + 7)
-    else:
-        big = TILE_CLASS - 1
-    if big != 0:
+    if TILE_CLASS == 2:
         _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, row0, n_rows, kv_start, kv_end,
                      causal_shift, page_start, part_base, kv_head, qk_scale,
                      stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
@@ -182,18 +182,25 @@ def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids
                             SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_FIELDS: tl.constexpr,
                             FIXED_GRID: tl.constexpr, INTERPRET: tl.constexpr, TILE_CLASS: tl.constexpr):
-    """Grid (tiles, KV heads).  FIXED_GRID (a CUDA graph's launch): the grid is a capacity, and programs at or
-    past the step's tile count (Counts[0], on the device) do nothing."""
-    tile_idx = tl.program_id(0)
-    tile = Tiles + tile_idx * TILE_FIELDS
+    """Grid (tiles of one class, KV heads).  FIXED_GRID (a CUDA graph's launch): Tiles is the whole table, the
+    grid a capacity; Counts (on the device) holds the step's tiles [0] and big tiles [2]; big tiles come first.
+    Programs past their class's tiles do nothing."""
     kv_head = tl.program_id(1)
     if FIXED_GRID:
-        if tile_idx < tl.load(Counts):
+        if TILE_CLASS == 2:
+            tile_idx = tl.program_id(0)
+            end = tl.load(Counts + 2)
+        else:
+            tile_idx = tl.load(Counts + 2) + tl.program_id(0)
+            end = tl.load(Counts)
+        tile = Tiles + tile_idx * TILE_FIELDS
+        if tile_idx < end:
             _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
                           stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                           stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
                           SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS)
     else:
+        tile = Tiles + tl.program_id(0) * TILE_FIELDS
         _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                       stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
@@ -266,8 +273,8 @@ def host_plan(work: AttentionWork, num_rows: int, num_heads: int, num_kv_heads: 
     """The plan for `work` (num_rows query rows, on `device`), left on the host.
 
     `work` may live on the CPU: a graph's step plans from the host lists, with no device round trip.
-    split: 128-row big tiles in a launch of their own (what the launcher plans for an unbound work list);
-    else one mixed-class launch, as a CUDA graph captures it.
+    split: 128-row big tiles where items are that long (what the launcher plans for an unbound work list);
+    else at most 64 rows, the one variant a CUDA graph captures for decode steps.
     """
     big_m_max = ap.SPLIT_BIG_M if split else ap.BIG_M_MAX
     return ap.plan_on_host(work, num_rows, num_heads // num_kv_heads, num_kv_heads, _num_sms(device), _BLOCK_N,
@@ -323,40 +330,42 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _launch(q, k_cache, v_cache, work, sm_scale, out) -> torch.Tensor:
-    """Pick blocks and warps, run the tile launch(es) and (when needed) the merge launch."""
+    """The big-tile launch, the small-tile launch, and (when needed) the merge launch."""
     t, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     plan = _plan_for(work, q, num_kv_heads)
     part_o = _empty((max(plan.num_parts, 1), num_heads, head_dim), torch.float32, q.device)
     part_lse = _empty((max(plan.num_parts, 1), num_heads), torch.float32, q.device)
-    counts = plan.counts if plan.counts is not None else plan.tiles  # an unused pointer must still be a tensor
-    launch = lambda tiles, n, cls, **cfg: _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o,  # noqa: E731
-                                                       part_lse, plan, tiles, counts, n, cls, **cfg)
-    if not plan.split:
-        if plan.num_tiles:
-            launch(plan.tiles, plan.num_tiles, 0)
-    else:  # big tiles first in the table, with their own launch settings; then the small ones
-        big = big_tile_config(head_dim)
-        if plan.num_big:
-            launch(plan.tiles, plan.num_big, 2, big_n=big.block_n, num_warps=big.num_warps, num_stages=big.num_stages)
-        if plan.num_tiles > plan.num_big:
-            launch(plan.tiles[plan.num_big:], plan.num_tiles - plan.num_big, 1)
+    fixed = plan.counts is not None
+    counts = plan.counts if fixed else plan.tiles  # an unused pointer must still be a tensor
+    # Eager: each launch gets its slice of the table.  Fixed grid: both read the whole table, a capacity grid
+    # each (num_big and num_tiles), and the kernel finds its class's tiles from the counts on the device.
+    num_small = plan.num_tiles if fixed else plan.num_tiles - plan.num_big
+    small_tiles = plan.tiles if fixed else plan.tiles[plan.num_big:]
+    big = big_tile_config(head_dim, plan.big_m)
+    if plan.num_big:
+        _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, plan, plan.tiles, counts,
+                     plan.num_big, 2, big)
+    if num_small > 0:
+        _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, plan, small_tiles, counts,
+                     num_small, 1, SMALL_TILE)
     if plan.num_merge_rows:
         _merge_kernel[(plan.num_merge_rows,)](
             out, part_o, part_lse, plan.merge_rows, plan.merge_ptr, plan.merge_parts, counts,
             out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
             NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-            FIXED_GRID=plan.counts is not None, num_warps=4)
+            FIXED_GRID=fixed, num_warps=4)
     return out
 
 
 def _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, plan, tiles, counts, num_tiles,
-                 tile_class, big_n=_BIG_BLOCK_N, num_warps=4, num_stages=_NUM_STAGES) -> None:
-    """One launch of the tile kernel over `num_tiles` rows of `tiles` (of one class, or mixed: tile_class 0)."""
+                 tile_class, config: TileConfig) -> None:
+    """One launch of the tile kernel over `num_tiles` programs of one class (2: big, 1: small)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     fp32 = q.dtype == torch.float32
     shrink = 2 if fp32 and head_dim > 64 else 1  # fp32 tiles take twice the registers and shared memory
+    block_n = max(16, config.block_n // shrink)
     _paged_attention_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, out, part_o, part_lse, work.page_ids, tiles, counts,
         sm_scale * 1.4426950408889634,
@@ -364,9 +373,9 @@ def _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, pla
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SMALL_M=plan.small_m,
-        BIG_M=plan.big_m, SMALL_N=_BLOCK_N // shrink, BIG_N=big_n // shrink, CAUSAL=plan.has_causal,
+        BIG_M=plan.big_m, SMALL_N=block_n, BIG_N=block_n, CAUSAL=plan.has_causal,
         DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, FIXED_GRID=plan.counts is not None,
-        INTERPRET=_interpreting(), TILE_CLASS=tile_class, num_warps=num_warps, num_stages=num_stages)
+        INTERPRET=_interpreting(), TILE_CLASS=tile_class, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 _warned_fallback: set = set()
