@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, groupby
+from operator import attrgetter
 
 import numpy as np
 
@@ -117,43 +118,65 @@ def _chunk_rows(batch: StepBatch) -> list[tuple[Chunk, int]]:
     return out
 
 
+def page_array(seq: Sequence) -> np.ndarray:
+    """`seq.pages` as an int32 array, kept on the sequence between steps.
+
+    A page list only grows at its end (a decode's new page) or is replaced by another list (admission,
+    freeing), so the array of the same list object is still right for its first pages: only new ones are
+    converted, and a step's page table is one concatenation of arrays, not a walk over every page id.
+    """
+    pages, cached = seq.pages, seq.page_cache
+    if cached is not None and cached[0] is pages:
+        array = cached[1]
+        if len(array) == len(pages):
+            return array
+        if len(array) < len(pages):
+            array = np.concatenate([array, np.asarray(pages[len(array):], dtype=np.int32)])
+            seq.page_cache = (pages, array)
+            return array
+    array = np.asarray(pages, dtype=np.int32)
+    seq.page_cache = (pages, array)
+    return array
+
+
 class _Items:
-    """Attention items as they are added, with their page lists: the decode rows' items as one block of
-    arrays (they come first), then the others one by one."""
+    """Attention items as they are added, with the sequences whose pages they read: the decode rows' items
+    as one block of arrays (they come first), then the others one by one."""
 
     def __init__(self) -> None:
-        self.block: tuple[np.ndarray, np.ndarray, list[list[int]]] | None = None  # (q_start, kv_len, pages)
+        self.block: tuple[np.ndarray, np.ndarray, list[Sequence]] | None = None  # (q_start, kv_len, owners)
         self.q_start: list[int] = []
         self.q_len: list[int] = []
         self.kv_len: list[int] = []
         self.causal: list[int] = []
-        self.pages: list[list[int]] = []
+        self.owners: list[Sequence] = []
 
-    def add_decodes(self, kv_len: np.ndarray, pages: list[list[int]]) -> None:
+    def add_decodes(self, kv_len: np.ndarray, owners: list[Sequence]) -> None:
         """One causal item of one row per decode, row i for decode i (before any other item)."""
-        self.block = (np.arange(len(kv_len), dtype=np.int32), kv_len.astype(np.int32), pages)
+        self.block = (np.arange(len(kv_len), dtype=np.int32), kv_len.astype(np.int32), owners)
 
-    def add(self, q_start: int, q_len: int, kv_len: int, causal: int, pages: list[int]) -> None:
+    def add(self, q_start: int, q_len: int, kv_len: int, causal: int, owner: Sequence) -> None:
+        """An item over the pages of `owner`."""
         self.q_start.append(q_start)
         self.q_len.append(q_len)
         self.kv_len.append(kv_len)
         self.causal.append(causal)
-        self.pages.append(pages)
+        self.owners.append(owner)
 
     def host_work(self) -> HostWork:
         as32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
         q_start, q_len, kv_len, causal = as32(self.q_start), as32(self.q_len), as32(self.kv_len), as32(self.causal)
-        pages = self.pages
+        owners = self.owners
         if self.block is not None:
-            d_start, d_kv, d_pages = self.block
+            d_start, d_kv, d_owners = self.block
             ones = np.ones(len(d_start), dtype=np.int32)
             q_start, q_len = np.concatenate([d_start, q_start]), np.concatenate([ones, q_len])
             kv_len, causal = np.concatenate([d_kv, kv_len]), np.concatenate([ones, causal])
-            pages = d_pages + pages
-        counts = np.fromiter(map(len, pages), dtype=np.int64, count=len(pages))
+            owners = d_owners + owners
+        arrays = [page_array(s) for s in owners]
+        counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
         total = int(counts.sum())
-        page_ids = np.fromiter(chain.from_iterable(pages), dtype=np.int32, count=total) if total else \
-            np.zeros(1, dtype=np.int32)
+        page_ids = np.concatenate(arrays) if total else np.zeros(1, dtype=np.int32)
         page_start = (np.cumsum(counts) - counts).astype(np.int32)
         return HostWork(q_start, q_len, kv_len, causal, page_start, page_ids)
 
@@ -167,12 +190,11 @@ def _decode_rows(decodes: list[Chunk], page_size: int, items: _Items):
     positions = np.asarray([s.start for s in seqs], dtype=np.int64) + starts
     pages = np.asarray([s.pages[i // page_size] for s, i in zip(seqs, start_list)], dtype=np.int64)
     slots = pages * page_size + starts % page_size
-    items.add_decodes(starts + 1, [s.pages for s in seqs])
+    items.add_decodes(starts + 1, seqs)
     return ids, positions, slots
 
 
-def _parent(chunk: Chunk) -> Sequence | None:
-    return chunk.seq.parent
+_parent = attrgetter("seq.parent")  # a chunk's parent prefix (in C: called once per row)
 
 
 def _prefix_runs(chunks: Iterable[Chunk], items: _Items) -> None:
@@ -195,10 +217,10 @@ def _prefix_runs(chunks: Iterable[Chunk], items: _Items) -> None:
                 run[2] = row
                 continue
             if run is not None:  # not contiguous (never in plan order): close the old run
-                items.add(run[1], run[2] - run[1], len(run[0].tokens), 0, run[0].pages)
+                items.add(run[1], run[2] - run[1], len(run[0].tokens), 0, run[0])
             open_runs[id(prefix)] = [prefix, first, row]
     for prefix, first, end in open_runs.values():
-        items.add(first, end - first, len(prefix.tokens), 0, prefix.pages)
+        items.add(first, end - first, len(prefix.tokens), 0, prefix)
 
 
 def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
@@ -206,15 +228,15 @@ def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
     seq, start, length = chunk
     span = np.arange(start, start + length, dtype=np.int64)
     ids = np.asarray(seq.tokens[start:start + length], dtype=np.int64)
-    pages = np.asarray(seq.pages, dtype=np.int64)
+    pages = page_array(seq).astype(np.int64)
     slots = pages[span // page_size] * page_size + span % page_size
-    items.add(row, length, start + length, 1, seq.pages)
+    items.add(row, length, start + length, 1, seq)
     return ids, span + seq.start, slots
 
 
 def sampling_arrays(seqs: list[RequestSeq]) -> SamplingArrays:
     """The per-row sampling settings of the sampled requests (their cached `sampling_row`)."""
-    columns = list(zip(*(s.sampling_row for s in seqs))) or [()] * 6
+    columns = list(zip(*[s.sampling_row for s in seqs])) or [()] * 6
     temperature = np.asarray(columns[0], dtype=np.float32)
     top_p = np.asarray(columns[1], dtype=np.float32)
     top_k = np.asarray(columns[2], dtype=np.int64)
