@@ -17,7 +17,8 @@ The tokens "sampled" are a fixed valid id, instantly.  Printed per workload and 
 step, and host ms per step of each phase of the loop (engine.schedule / launch / wait / resolve, and inside
 launch: build_step_inputs, the tile plan, the rest of the launch), the whole loop, and the rest of the
 `generate` call (prompt checks, the prefix plan, the requests, the completions) per step.  --profile N prints
-cProfile's N heaviest functions (by own time) of each run; --repeat N runs each workload N times and prints
+cProfile's N heaviest functions (by own time) of each run; --clock cpu (default) times this thread's CPU
+time, --clock wall the wall clock; --repeat N runs each workload N times and prints
 the run of least loop time (the CPU may be shared).
 """
 from __future__ import annotations
@@ -58,18 +59,23 @@ _PHASES = ("engine.schedule", "engine.launch", "  build_step_inputs", "  tile pl
 
 
 class PhaseTimes:
-    """Seconds per named phase, summed over a run."""
+    """Seconds per named phase, summed over a run.
 
-    def __init__(self) -> None:
+    clock: time.thread_time (this thread's CPU time: on a CPU that other processes share, what the host path
+    costs without their share of the cores; nothing in the stubbed loop sleeps) or time.perf_counter (wall).
+    """
+
+    def __init__(self, clock=time.thread_time) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.clock = clock
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            self.seconds[name] += self.clock() - start
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -128,12 +134,12 @@ def make_engine(folder: Path) -> Engine:
     return engine
 
 
-def measure(engine: Engine, workload: str, scale: float, profile: int = 0) -> dict:
-    """One generate of the workload with the phases timed; host ms per step of each phase."""
+def measure(engine: Engine, workload: str, scale: float, profile: int = 0, clock=time.thread_time) -> dict:
+    """One generate of the workload with the phases timed (`PhaseTimes`' clock); host ms per step of each phase."""
     reqs = make_workload(workload, SHAPE.vocab, scale)
     prompts = [r.prompt_token_ids for r in reqs]
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in reqs]
-    times = PhaseTimes()
+    times = PhaseTimes(clock)
     patches = [(engine_module, "record_function", times.phase),
                (engine_module, "build_step_inputs", times.wrap("  build_step_inputs",
                                                                 engine_module.build_step_inputs)),
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", default="0.25,1.0")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's N heaviest functions per run")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: this thread's CPU time (default; robust on a shared CPU), wall: perf_counter")
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload; the one of least loop time is "
                                                                "printed (other processes on the CPU add noise)")
     args = parser.parse_args(argv)
@@ -202,11 +210,12 @@ def main(argv: list[str] | None = None) -> None:
         engine.generate([[256 + i for i in range(40)]] * 4, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         print(f"CPU: {_cpu_name()}; stub model (no forward, no sampling); llama-1b heads "
               f"{SHAPE.heads}/{SHAPE.kv_heads}, budget {TOKEN_BUDGET}, max_num_seqs {MAX_NUM_SEQS}, "
-              f"page {PAGE_SIZE}, {KV_PAGES} KV pages")
+              f"page {PAGE_SIZE}, {KV_PAGES} KV pages; {args.clock} time")
         print(header())
         for scale in (float(s) for s in args.scales.split(",")):
             for name in args.workloads.split(","):
-                runs = [measure(engine, name, scale, args.profile) for _ in range(max(1, args.repeat))]
+                clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+                runs = [measure(engine, name, scale, args.profile, clock) for _ in range(max(1, args.repeat))]
                 result = min(runs, key=lambda r: r["ms_per_step"]["loop"])
                 print(format_row(result), flush=True)
                 if "profile" in result:
