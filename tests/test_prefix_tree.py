@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,3 +78,12 @@ def test_plan_is_consistent_for_any_batch(prompts, threshold):
         assert (p.num_requests - 1) * len(p.tokens) >= threshold
     if threshold == 1:
         assert plan.computed_prompt_tokens([len(p) for p in prompts]) <= sum(map(len, prompts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(0, 3), max_size=12), min_size=1, max_size=30))
+def test_the_byte_sort_key_orders_prompts_as_their_id_lists(prompts):
+    """The prompts' order by `sort_key` is their order as Python lists of ids (ties kept in place)."""
+    from batchllm_dask.engine.prefix_tree import sort_key
+    keys = [sort_key(np.asarray(p, dtype=np.int64)) for p in prompts]
+    assert sorted(range(len(prompts)), key=keys.__getitem__) == sorted(range(len(prompts)), key=lambda i: prompts[i])

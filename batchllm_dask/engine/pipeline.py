@@ -40,13 +40,16 @@ class SampledStep:
 def mark_sampled(seqs: list[RequestSeq], max_model_len: int) -> SampledStep:
     """Give each sampled request a placeholder; mark the ones whose placeholder is their last token."""
     positions = []
+    draining = Status.DRAINING
     for i, seq in enumerate(seqs):
-        seq.tokens.append(PLACEHOLDER)
+        tokens = seq.tokens
+        tokens.append(PLACEHOLDER)
         seq.unresolved += 1
         seq.feed_index = i
-        positions.append(len(seq.tokens) - 1)
-        if len(seq.tokens) - seq.num_prompt >= seq.params.max_tokens or seq.end >= max_model_len:
-            seq.status = Status.DRAINING
+        length = len(tokens)
+        positions.append(length - 1)
+        if length - seq.num_prompt >= seq.params.max_tokens or seq.start + length >= max_model_len:
+            seq.status = draining
     return SampledStep(seqs, positions)
 
 
@@ -60,9 +63,12 @@ def resolve(step: SampledStep, values: list[int], stop_checker: StopChecker,
     live = [(seq, pos, token) for seq, pos, token in zip(step.seqs, step.positions, values)
             if seq.status is not Status.FINISHED]  # a request that ended on the step before: its row was wasted
     ended = set(grammars.accept([s.index for s, _, _ in live], [t for _, _, t in live])) if grammars else ()
+    draining = Status.DRAINING
     for seq, pos, token in live:
         seq.tokens[pos] = token
         seq.unresolved -= 1
+        if not (seq.params.stop or token in seq.stop_ids or seq.status is draining or ended):
+            continue  # the common case: nothing can end it on this token (what `_stop_reason` finds then)
         reason = _stop_reason(seq, pos, token, stop_checker, seq.index in ended)
         if reason is not None:
             del seq.tokens[pos + 1:]  # a placeholder of the step in flight, if any

@@ -126,10 +126,20 @@ def _nearest_chosen(iv: _Interval | None) -> _Interval | None:
     return iv
 
 
+def sort_key(ids: np.ndarray) -> bytes:
+    """Bytes that order as the int64 id sequence orders lexicographically (a shorter prefix first).
+
+    Big-endian words with the sign bit flipped compare, byte by byte, as the signed ids do: the sort of a
+    batch's prompts is then memcmp over bytes, not Python's element-by-element comparison of lists (which
+    walks the thousands of tokens that prompts below one shared prefix have in common at every comparison).
+    """
+    return (ids.view(np.uint64) ^ np.uint64(1 << 63)).astype(">u8").tobytes()
+
+
 def build_prefix_plan(prompts: Sequence[Sequence[int]], min_shared_tokens: int = 32) -> PrefixPlan:
     """Choose the shared prefixes of a batch of token-id prompts (each at least one token long)."""
     keys = [np.asarray(p[:-1], dtype=np.int64) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i][:-1]))
+    order = sorted(range(len(prompts)), key=[sort_key(k) for k in keys].__getitem__)
     sorted_keys = [keys[i] for i in order]
     prefixes: list[SharedPrefix] = []
     spans: list[tuple[int, int]] = []  # sorted positions below each chosen prefix

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property, partial
+from operator import attrgetter
 from typing import NamedTuple
 
 from .kv_cache import PageAllocator, kv_shortage_message, pages_for
@@ -81,8 +83,10 @@ class StepBatch:
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(c.length for c in self.prefills)
 
-    @property
+    @cached_property
     def sampled(self) -> list[Chunk]:
+        """The chunks whose last row is sampled, in row order (computed once: the step inputs and the
+        engine's launch both read it before the step's placeholders change the requests' lengths)."""
         return self.decodes + [c for c in self.prefills if c.samples]
 
 
@@ -150,13 +154,16 @@ class Scheduler:
     def _schedule_decodes(self) -> list[Chunk]:
         """Every running decode, up to the token budget: after an out-of-memory retry halved the budget
         (engine.py), the rest wait a step rather than the step staying too large."""
-        chunks = []
+        chunks: list[Chunk] = []
+        limit, page_size, running = self.max_batched_tokens, self.page_size, Status.RUNNING
         for seq in list(self.running.values()):  # a copy: growing may preempt
-            if len(chunks) >= self.max_batched_tokens:
+            if len(chunks) >= limit:
                 break
-            if seq.status is Status.RUNNING and seq.pending == 1 and len(seq.tokens) > seq.num_prompt:
-                if self._grow(seq, seq.num_computed + 1):
-                    chunks.append(Chunk(seq, seq.num_computed, 1))
+            length, computed = len(seq.tokens), seq.num_computed
+            if seq.status is running and length - computed == 1 and length > seq.num_prompt:
+                # the common case inline: its pages already hold the new token (else `_grow` takes one)
+                if len(seq.pages) * page_size > computed or self._grow(seq, computed + 1):
+                    chunks.append(_new_chunk((seq, computed, 1)))
         return chunks
 
     def _grow(self, seq: RequestSeq, num_tokens: int) -> bool:
@@ -291,8 +298,8 @@ def _parent_done(seq: Sequence) -> bool:
     return seq.parent is None or (seq.parent.pending == 0 and seq.parent.materialized)
 
 
-def _rank(chunk: Chunk) -> int:
-    return chunk.seq.rank
+_rank = attrgetter("seq.rank")  # a chunk's request's rank (in C: a decode step sorts hundreds of chunks)
+_new_chunk = partial(tuple.__new__, Chunk)  # Chunk((seq, start, length)) without NamedTuple's Python __new__
 
 
 def _row_key(chunk: Chunk) -> tuple[int, int]:

@@ -33,6 +33,8 @@ class Sequence:
     status: Status = Status.WAITING
     reserved_pages: int = 0  # pages admission set aside for its future decode growth, not yet allocated
     _chain: "tuple[Sequence, ...] | None" = field(default=None, init=False, repr=False)
+    # (the `pages` list, its ids as an array) kept by step_inputs.page_array between steps
+    page_cache: tuple | None = field(default=None, init=False, repr=False)
 
     @property
     def pending(self) -> int:

@@ -19,13 +19,15 @@ previous step's output, see engine.py) gets input id -1 here and an entry in
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, groupby
+from operator import attrgetter
 
 import numpy as np
 
 from .scheduler import Chunk, StepBatch
-from .sequence import RequestSeq
+from .sequence import RequestSeq, Sequence
 
 PLACEHOLDER = -1  # a token id not known on the host yet
 
@@ -84,93 +86,141 @@ class StepInputs:
 
 
 def build_step_inputs(batch: StepBatch, page_size: int) -> StepInputs:
-    """The host arrays of `batch` (its sampled rows are `batch.sampled`, in order)."""
+    """The host arrays of `batch` (its sampled rows are `batch.sampled`, in order).
+
+    Per-row work is list comprehensions into numpy (no Python call per row); the prefix-run items are
+    found per run of rows below the same parent, not per row (see `_prefix_runs`).
+    """
+    decodes, rows = batch.decodes, _chunk_rows(batch)
     items = _Items()
-    dec = _decode_rows(batch.decodes, page_size, items)
-    pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in _chunk_rows(batch)]
-    segments = [(row, 1, c.seq) for row, c in enumerate(batch.decodes)]
-    segments += [(row, c.length, c.seq) for c, row in _chunk_rows(batch)]
-    _prefix_runs(segments, items)
+    dec = _decode_rows(decodes, page_size, items)
+    pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in rows]
+    _prefix_runs(chain(decodes, batch.prefills), items)
     ids = np.concatenate([dec[0], *(p[0] for p in pre)])
     positions = np.concatenate([dec[1], *(p[1] for p in pre)])
     slots = np.concatenate([dec[2], *(p[2] for p in pre)])
-    logits_rows = np.concatenate([np.arange(len(batch.decodes), dtype=np.int64),
-                                  np.asarray([row + c.length - 1 for c, row in _chunk_rows(batch) if c.samples],
+    logits_rows = np.concatenate([np.arange(len(decodes), dtype=np.int64),
+                                  np.asarray([row + c.length - 1 for c, row in rows if c.samples],
                                              dtype=np.int64)])
-    feed = np.flatnonzero(ids[:len(batch.decodes)] == PLACEHOLDER)
-    feed_src = np.asarray([batch.decodes[i].seq.feed_index for i in feed.tolist()], dtype=np.int64)
+    feed = np.flatnonzero(dec[0] == PLACEHOLDER)
+    feed_src = np.asarray([decodes[i].seq.feed_index for i in feed.tolist()], dtype=np.int64)
     sampled = [c.seq for c in batch.sampled]
     return StepInputs(ids, positions, slots, logits_rows, feed.astype(np.int64), feed_src, items.host_work(),
-                      sampling_arrays(sampled), len(batch.decodes))
+                      sampling_arrays(sampled), len(decodes))
 
 
-def _chunk_rows(batch: StepBatch):
+def _chunk_rows(batch: StepBatch) -> list[tuple[Chunk, int]]:
     """(prefill chunk, its first row) pairs."""
-    row = len(batch.decodes)
+    out, row = [], len(batch.decodes)
     for chunk in batch.prefills:
-        yield chunk, row
+        out.append((chunk, row))
         row += chunk.length
+    return out
+
+
+def page_array(seq: Sequence) -> np.ndarray:
+    """`seq.pages` as an int32 array, kept on the sequence between steps.
+
+    A page list only grows at its end (a decode's new page) or is replaced by another list (admission,
+    freeing), so the array of the same list object is still right for its first pages: only new ones are
+    converted, and a step's page table is one concatenation of arrays, not a walk over every page id.
+    """
+    pages, cached = seq.pages, seq.page_cache
+    if cached is not None and cached[0] is pages:
+        array = cached[1]
+        if len(array) == len(pages):
+            return array
+        if len(array) < len(pages):
+            array = np.concatenate([array, np.asarray(pages[len(array):], dtype=np.int32)])
+            seq.page_cache = (pages, array)
+            return array
+    array = np.asarray(pages, dtype=np.int32)
+    seq.page_cache = (pages, array)
+    return array
 
 
 class _Items:
-    """Attention items as they are added, with their page lists."""
+    """Attention items as they are added, with the sequences whose pages they read: the decode rows' items
+    as one block of arrays (they come first), then the others one by one."""
 
     def __init__(self) -> None:
+        self.block: tuple[np.ndarray, np.ndarray, list[Sequence]] | None = None  # (q_start, kv_len, owners)
         self.q_start: list[int] = []
         self.q_len: list[int] = []
         self.kv_len: list[int] = []
         self.causal: list[int] = []
-        self.pages: list[list[int]] = []
+        self.owners: list[Sequence] = []
 
-    def add(self, q_start: int, q_len: int, kv_len: int, causal: int, pages: list[int]) -> None:
+    def add_decodes(self, kv_len: np.ndarray, owners: list[Sequence]) -> None:
+        """One causal item of one row per decode, row i for decode i (before any other item)."""
+        self.block = (np.arange(len(kv_len), dtype=np.int32), kv_len.astype(np.int32), owners)
+
+    def add(self, q_start: int, q_len: int, kv_len: int, causal: int, owner: Sequence) -> None:
+        """An item over the pages of `owner`."""
         self.q_start.append(q_start)
         self.q_len.append(q_len)
         self.kv_len.append(kv_len)
         self.causal.append(causal)
-        self.pages.append(pages)
+        self.owners.append(owner)
 
     def host_work(self) -> HostWork:
-        counts = np.fromiter(map(len, self.pages), dtype=np.int64, count=len(self.pages))
-        total = int(counts.sum())
-        page_ids = np.fromiter(chain.from_iterable(self.pages), dtype=np.int32, count=total) if total else \
-            np.zeros(1, dtype=np.int32)
         as32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
+        q_start, q_len, kv_len, causal = as32(self.q_start), as32(self.q_len), as32(self.kv_len), as32(self.causal)
+        owners = self.owners
+        if self.block is not None:
+            d_start, d_kv, d_owners = self.block
+            ones = np.ones(len(d_start), dtype=np.int32)
+            q_start, q_len = np.concatenate([d_start, q_start]), np.concatenate([ones, q_len])
+            kv_len, causal = np.concatenate([d_kv, kv_len]), np.concatenate([ones, causal])
+            owners = d_owners + owners
+        arrays = [page_array(s) for s in owners]
+        counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        total = int(counts.sum())
+        page_ids = np.concatenate(arrays) if total else np.zeros(1, dtype=np.int32)
         page_start = (np.cumsum(counts) - counts).astype(np.int32)
-        return HostWork(as32(self.q_start), as32(self.q_len), as32(self.kv_len), as32(self.causal), page_start,
-                        page_ids)
+        return HostWork(q_start, q_len, kv_len, causal, page_start, page_ids)
 
 
 def _decode_rows(decodes: list[Chunk], page_size: int, items: _Items):
-    """ids, positions, slots of the decode rows; their own-segment items and one item per prefix run."""
-    n = len(decodes)
+    """ids, positions, slots of the decode rows; their own-segment items."""
     seqs = [c.seq for c in decodes]
-    starts = np.fromiter((c.start for c in decodes), dtype=np.int64, count=n)
-    ids = np.fromiter((s.tokens[c.start] for s, c in zip(seqs, decodes)), dtype=np.int64, count=n)
-    positions = np.fromiter((s.start for s in seqs), dtype=np.int64, count=n) + starts
-    pages = np.fromiter((s.pages[c.start // page_size] for s, c in zip(seqs, decodes)), dtype=np.int64, count=n)
+    start_list = [c.start for c in decodes]
+    starts = np.asarray(start_list, dtype=np.int64)
+    ids = np.asarray([s.tokens[i] for s, i in zip(seqs, start_list)], dtype=np.int64)
+    positions = np.asarray([s.start for s in seqs], dtype=np.int64) + starts
+    pages = np.asarray([s.pages[i // page_size] for s, i in zip(seqs, start_list)], dtype=np.int64)
     slots = pages * page_size + starts % page_size
-    for row, (seq, chunk) in enumerate(zip(seqs, decodes)):
-        items.add(row, 1, chunk.start + 1, 1, seq.pages)
+    items.add_decodes(starts + 1, seqs)
     return ids, positions, slots
 
 
-def _prefix_runs(segments: list, items: _Items) -> None:
+_parent = attrgetter("seq.parent")  # a chunk's parent prefix (in C: called once per row)
+
+
+def _prefix_runs(chunks: Iterable[Chunk], items: _Items) -> None:
     """One item per maximal run of consecutive rows below the same prefix, at every level.
 
-    segments: (first row, rows, sequence) in row order: a decode row, or a prefill chunk.
+    chunks: the step's decodes then prefill chunks, in row order (a chunk's rows follow the previous one's).
+    Consecutive chunks with the same parent have the same prefixes above: they are taken as one run of rows.
     """
     open_runs: dict[int, list] = {}  # id(prefix) -> [prefix, first row, end row]
-    for row, length, seq in segments:
-        for prefix in seq.ancestors():
+    row = 0
+    for parent, group in groupby(chunks, key=_parent):
+        first = row
+        for chunk in group:
+            row += chunk.length
+        if parent is None:
+            continue
+        for prefix in (*parent.ancestors(), parent):
             run = open_runs.get(id(prefix))
-            if run is not None and run[2] == row:
-                run[2] = row + length
+            if run is not None and run[2] == first:
+                run[2] = row
                 continue
             if run is not None:  # not contiguous (never in plan order): close the old run
-                items.add(run[1], run[2] - run[1], len(run[0].tokens), 0, run[0].pages)
-            open_runs[id(prefix)] = [prefix, row, row + length]
+                items.add(run[1], run[2] - run[1], len(run[0].tokens), 0, run[0])
+            open_runs[id(prefix)] = [prefix, first, row]
     for prefix, first, end in open_runs.values():
-        items.add(first, end - first, len(prefix.tokens), 0, prefix.pages)
+        items.add(first, end - first, len(prefix.tokens), 0, prefix)
 
 
 def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
@@ -178,21 +228,20 @@ def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
     seq, start, length = chunk
     span = np.arange(start, start + length, dtype=np.int64)
     ids = np.asarray(seq.tokens[start:start + length], dtype=np.int64)
-    pages = np.asarray(seq.pages, dtype=np.int64)
+    pages = page_array(seq).astype(np.int64)
     slots = pages[span // page_size] * page_size + span % page_size
-    items.add(row, length, start + length, 1, seq.pages)
+    items.add(row, length, start + length, 1, seq)
     return ids, span + seq.start, slots
 
 
 def sampling_arrays(seqs: list[RequestSeq]) -> SamplingArrays:
     """The per-row sampling settings of the sampled requests (their cached `sampling_row`)."""
-    n = len(seqs)
-    rows = [s.sampling_row for s in seqs]
-    temperature = np.fromiter((r[0] for r in rows), dtype=np.float32, count=n)
-    top_p = np.fromiter((r[1] for r in rows), dtype=np.float32, count=n)
-    top_k = np.fromiter((r[2] for r in rows), dtype=np.int64, count=n)
-    seed = np.fromiter((r[3] for r in rows), dtype=np.int64, count=n)
-    greedy = np.fromiter((r[4] for r in rows), dtype=np.uint8, count=n)
-    step = np.fromiter((len(s.tokens) - s.num_prompt for s in seqs), dtype=np.int64, count=n)
-    filters = np.fromiter((r[5] for r in rows), dtype=bool, count=n)
+    columns = list(zip(*[s.sampling_row for s in seqs])) or [()] * 6
+    temperature = np.asarray(columns[0], dtype=np.float32)
+    top_p = np.asarray(columns[1], dtype=np.float32)
+    top_k = np.asarray(columns[2], dtype=np.int64)
+    seed = np.asarray(columns[3], dtype=np.int64)
+    greedy = np.asarray(columns[4], dtype=np.uint8)
+    step = np.asarray([len(s.tokens) - s.num_prompt for s in seqs], dtype=np.int64)
+    filters = np.asarray(columns[5], dtype=bool)
     return SamplingArrays(temperature, top_p, top_k, seed, step, greedy, bool(greedy.all()), bool(filters.any()))
