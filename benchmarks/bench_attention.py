@@ -110,7 +110,7 @@ def bench_one(group: int, prefix: int, suffix: int, bandwidth: float, check: boo
 # big tiles of 128 rows with 8 warps were slower everywhere; 3 stages within noise.  Run 3: 128 keys per
 # step in big tiles slowed every batch, even those without big tiles (the kernel's registers are the max of
 # both tile classes: lower occupancy for the small ones); 8 or 32 programs per SM no better than 16.
-# Run 4 (H200, 2026-12-02, engine-like decode steps, devrun sweep recorded in BENCHMARKS.md): 2 warps per
+# Run 4 (H200, 2026-12-02, engine-like decode steps, benchmarks/decode_attention_sweep.py, BENCHMARKS.md): 2 warps per
 # small tile beat 4 (no-sharing decodes 70% -> 87% of the copy bandwidth); each class now has its own launch.
 # name: (programs per SM for split-K, big tile rows of decode plans, small-tile config, 64-row big-tile config)
 T = prefix_attention.TileConfig
