@@ -1,6 +1,7 @@
 """Decode attention on engine-like steps, tile configs swept (eager and fixed-grid), and a GEMM efficiency table.
 
 Run on a GPU: python benchmarks/decode_attention_sweep.py  (writes attn_sweep.json under $OUT).
+"""
 import json, os, time
 import numpy as np
 import torch
