@@ -158,12 +158,14 @@ def test_bad_constraints_raise_before_anything_runs(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_the_structured_benchmark_runs_in_its_tiny_cpu_mode(tmp_path):
-    """bench/structured.py --tiny: trained vocabulary installed, every constrained output valid, the
-    unconstrained run made of the same token counts (its figures are the GPU's to give)."""
+@pytest.mark.parametrize("schema", ["review", "classify"])
+def test_the_structured_benchmark_runs_in_its_tiny_cpu_mode(tmp_path, schema):
+    """bench/structured.py --tiny: trained vocabulary installed, every constrained output valid against the
+    chosen schema, the unconstrained run made of the same token counts (its figures are the GPU's to give)."""
     from batchllm_dask.bench import structured
-    structured.main(["--tiny", "--requests", "2", "--max-tokens", "160", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "bench_structured_tiny.json").read_text())
+    structured.main(["--tiny", "--requests", "2", "--max-tokens", "160", "--schema", schema, "--out", str(tmp_path)])
+    report = json.loads((tmp_path / f"bench_structured_tiny_{schema}.json").read_text())
+    assert report["schema"] == structured.SCHEMAS[schema]
     assert report["vocab_tokens"] == 2048
     (row,) = report["rows"]
     assert row["valid"] == 2 and row["cut_by_max_tokens"] == 0
