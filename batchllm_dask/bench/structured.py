@@ -107,14 +107,15 @@ def install_tokenizer(checkpoint: Path, tokenizer: Any) -> None:
 # ------------------------------------------------------------------------------------ the runs
 
 class GrammarTimer:
-    """Host seconds spent in `GrammarMatchers.fill_mask` and `accept`, wrapped inside the `with` block, and
-    the masks the grammar computed per constrained token accepted (1.0: a full mask for every token)."""
+    """Host seconds spent in `GrammarMatchers.fill_mask`, `accept` and `jump_forward`, wrapped inside the
+    `with` block; the forced tokens jump-forward appended, and the masks the grammar computed per constrained
+    token generated (1.0: a full mask for every token; jumped tokens and pre-accepted ones need none)."""
 
-    NAMES = ("fill_mask", "accept")
+    NAMES = ("fill_mask", "accept", "jump_forward")
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
-        self.calls = self.masks = self.tokens = 0
+        self.calls = self.masks = self.tokens = self.jumped = 0
         self._originals = {name: getattr(GrammarMatchers, name) for name in self.NAMES}
 
     def __enter__(self) -> "GrammarTimer":
@@ -129,7 +130,7 @@ class GrammarTimer:
     def _timed(self, name: str, method: Any) -> Any:
         def timed(matchers, *args):
             start = time.perf_counter()
-            before = matchers.masks_computed, matchers.tokens_accepted
+            before = matchers.masks_computed, matchers.tokens_accepted, matchers.tokens_jumped
             try:
                 return method(matchers, *args)
             finally:
@@ -137,13 +138,15 @@ class GrammarTimer:
                 self.calls += name == "fill_mask"
                 self.masks += matchers.masks_computed - before[0]
                 self.tokens += matchers.tokens_accepted - before[1]
+                self.jumped += matchers.tokens_jumped - before[2]
         return timed
 
     def take(self) -> dict[str, float]:
         out = {**{f"{k}_seconds": v for k, v in self.seconds.items()}, "fill_mask_calls": self.calls,
-               "masks_computed": self.masks, "masks_per_token": self.masks / max(1, self.tokens)}
+               "masks_computed": self.masks, "tokens_jumped": self.jumped,
+               "masks_per_token": self.masks / max(1, self.tokens + self.jumped)}
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
-        self.calls = self.masks = self.tokens = 0
+        self.calls = self.masks = self.tokens = self.jumped = 0
         return out
 
 
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny model, 8 requests, one round")
     ap.add_argument("--schema", choices=sorted(SCHEMAS), default="review",
                     help="review: bounded free-text strings (the expensive masks); classify: labels, numbers, a date")
+    ap.add_argument("--no-jump-forward", action="store_true", help="decode forced tokens one a step (the ablation)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     path, prompts = make_checkpoint(args)
     device = "cpu" if args.tiny else "cuda"
     engine = Engine(path, dtype="float32" if args.tiny else "bfloat16", device=device,
+                    jump_forward=not args.no_jump_forward,
                     **({"kv_cache_bytes": 64 << 20} if args.tiny else {}))
     with GrammarTimer() as timer:
         start = time.perf_counter()  # warm-up; the first constrained call builds the grammar's tokenizer
@@ -249,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(r["throughput_ratio"] for r in rows)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "vocab_tokens": len(engine.tokenizer)}
-    out = Path(args.out) / f"bench_structured_{args.model}_{args.schema}.json"
+    suffix = "_no-jump-forward" if args.no_jump_forward else ""
+    out = Path(args.out) / f"bench_structured_{args.model}_{args.schema}{suffix}.json"
     out.write_text(json.dumps({**env, "args": vars(args), "schema": schema, "rows": rows,
                                "median_throughput_ratio": ratio}, indent=1))
     last = rows[-1]
@@ -258,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
           f"valid {last['valid']}/{len(prompts)}, cut by max_tokens {last['cut_by_max_tokens']}; "
           f"grammar host time in the last run: fill_mask {last['fill_mask_seconds']:.2f}s over "
           f"{last['fill_mask_calls']} steps ({last['masks_computed']} masks, {last['masks_per_token']:.2f} per "
-          f"generated token), accept {last['accept_seconds']:.2f}s; wrote {out}")
+          f"generated token), accept {last['accept_seconds']:.2f}s, jump-forward {last['jump_forward_seconds']:.2f}s "
+          f"({last['tokens_jumped']} forced tokens appended); wrote {out}")
 
 
 if __name__ == "__main__":

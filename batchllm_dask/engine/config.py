@@ -147,6 +147,9 @@ class EngineConfig:
         costs concurrency, never recomputation; lower values admit more requests
         (useful when outputs usually stop well before max_tokens) and preempt the
         newest when the pool runs dry.
+    jump_forward: structured output takes the tokens its grammar forces (keys,
+        punctuation, the rest of an enum value) as one chunk, with no mask and no
+        step of their own (jump_forward.py); False decodes them one a step.
     tensor_parallel_size: ranks (GPUs) the model is split over, Megatron-style
         (parallel.py): one process per rank, NCCL on CUDA (cuda:0..N-1 of the
         visible devices, from `device`'s index), gloo on the CPU.  Heads and the
@@ -172,6 +175,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     decode_first: bool = True
     decode_reserve: float = 1.0
+    jump_forward: bool = True
     tensor_parallel_size: int = 1
     tokenizer: str | None = None
 
@@ -199,6 +203,7 @@ class EngineConfig:
                f"must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         _check(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
         _check(isinstance(self.decode_first, bool), "decode_first", f"must be a bool, got {self.decode_first!r}")
+        _check(isinstance(self.jump_forward, bool), "jump_forward", f"must be a bool, got {self.jump_forward!r}")
         _check(_is_number(self.decode_reserve) and 0 <= self.decode_reserve <= 1, "decode_reserve",
                f"must be a number in [0, 1], got {self.decode_reserve!r}")
         _check(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import EngineConfig, SamplingParams
 from .inputs import PreparedPrompt, prepare_prompt, sampling_list
+from .jump_forward import jump_forward
 from .kv_cache import PageAllocator, kv_bytes_per_page, kv_shortage_message, pages_for
 from .files import check_model, has_tokenizer, missing_tokenizer_message
 from .model_cache import checkpoint_dir, tokenizer_dir
@@ -276,6 +277,9 @@ class Engine:
                 raise RuntimeError("scheduler made no progress: this is a bug, please report it")
             if launched is not None and launched.tokens is None:  # constrained rows: masks from the tokens just in
                 with phase("engine.grammar"):
+                    if self.config.jump_forward:
+                        jump_forward(launched.sampled.seqs, launched.sampled.positions, matchers, scheduler,
+                                     self.max_model_len)
                     mask = matchers.fill_mask([seq.index for seq in launched.sampled.seqs])
                     launched.tokens = self.runner.sample(launched.logits, mask)
             in_flight = launched

@@ -134,6 +134,16 @@ class Scheduler:
         if batch.prefills:
             self.prefilling = [p for p in self.prefilling if p.pending > 0]
 
+    def extend(self, seq: RequestSeq) -> None:
+        """Known tokens were appended to a running request (jump_forward.py: its grammar's forced run):
+        pages for them, and a chunk in the next step, ahead of the prompts' prefill chunks (a decode-like
+        request should not wait behind the budget).  The caller keeps the run within the request's own
+        pages and reserve, so no other request is preempted for it."""
+        if not self._grow(seq, len(seq.tokens)):
+            raise RuntimeError("jump-forward outgrew the request's pages: this is a bug, please report it")
+        if seq not in self.prefilling:
+            self.prefilling.insert(0, seq)
+
     def finish(self, seq: RequestSeq) -> None:
         """Retire a request: free its pages, and any prefix whose last user it was.
 

@@ -24,6 +24,15 @@ host one step ahead of the GPU the order is: launch forward(n+1), accept step n'
 step n+1's masks while forward(n+1) runs, copy them over, then launch the masked sampling.
 Nothing here waits on the device.
 
+Jump-forward (jump_forward.py): where the grammar forces the next tokens (a key, the quotes and colon
+after it, the rest of an enum value), `jump_forward` consumes the whole forced run at once.  Its first
+token is the one the step being sampled must produce (its mask row allows only that token, so the device
+samples it whatever the temperature); the others join the request as known tokens, computed in the next
+step as one chunk, with no mask and no step of their own.  The first token is then "pre-accepted":
+`accept` checks the device's sample against it instead of consuming it again.  A run stops before a token
+that would complete the grammar, a stop id, or the room the caller gives (max_tokens, the context, the
+request's pages), so that a request still ends on a sampled token, as without jumps.
+
 Bit j of word w of a row allows token 32 * w + j (llguidance's and xgrammar's layout).
 Unconstrained rows of a mixed step are all ones.  Ids past the tokenizer's vocabulary (a
 padded embedding) are never allowed.  A grammar ends in one of two ways: nothing can follow
@@ -37,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import constraints
@@ -110,12 +120,14 @@ class GrammarMatchers:
         self._templates = templates
         self._matchers: dict[int, Any] = {}
         self._released: set[int] = set()  # finished: a row of theirs still in flight is unconstrained (discarded)
+        self._pre_accepted: dict[int, int] = {}  # request id -> the forced token its step in flight must sample
         self._compiler = compiler
         self._buffers: list[torch.Tensor] = []
         self._next_buffer = 0
         self.words = (compiler.vocab_size + 31) // 32
         self.masks_computed = 0  # rows whose mask the grammar library computed (bench.structured reports
         self.tokens_accepted = 0  # them per accepted token: 1.0 means a full mask for every constrained token)
+        self.tokens_jumped = 0  # forced tokens appended by jump_forward (no mask, no step of their own)
 
     def constrained(self, request_id: int) -> bool:
         return request_id in self._templates and request_id not in self._released
@@ -125,16 +137,45 @@ class GrammarMatchers:
 
         The tensor is one of two buffers used in turn: copy it to the device before the call after next.
         """
-        rows = [(self._matcher(rid), row) for row, rid in enumerate(request_ids) if self.constrained(rid)]
-        if not rows:
+        constrained = [(rid, row) for row, rid in enumerate(request_ids) if self.constrained(rid)]
+        if not constrained:
             return None
         mask = self._buffer(len(request_ids))
+        forced = [(row, self._pre_accepted[rid]) for rid, row in constrained if rid in self._pre_accepted]
+        rows = [(self._matcher(rid), row) for rid, row in constrained if rid not in self._pre_accepted]
         self.masks_computed += len(rows)
-        if len(rows) < len(request_ids):
+        if len(constrained) < len(request_ids):
             mask.fill_(-1)
-        # llguidance.torch.fill_next_token_bitmask_par without its module, which imports torch.compile
-        self._compiler.executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), self.words * 4, mask.shape[0])
+        if rows:  # llguidance.torch.fill_next_token_bitmask_par without its module, which imports torch.compile
+            self._compiler.executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), self.words * 4, mask.shape[0])
+        if forced:
+            _one_token_rows(mask, forced)
         return mask
+
+    def jump_forward(self, rows: Sequence[tuple[int, int, frozenset]]) -> dict[int, list[int]]:
+        """Consume each request's forced run of tokens; the runs, by request id (see the module docstring).
+
+        rows: (request id, room, stop ids) for the requests of the step about to be sampled, after `accept`
+        of their previous token: room is how many tokens the run may have (0: none); a run never includes
+        a stop id nor the token that completes the grammar.  The runs' first tokens are pre-accepted.
+        """
+        runs = {}
+        for rid, room, stop_ids in rows:
+            if room <= 0 or not self.constrained(rid):
+                continue
+            matcher = self._matcher(rid)
+            if not matcher.compute_ff_bytes():  # about 1 us: most rows are not forced, and the tokens cost 20
+                continue
+            run = _until_stop(matcher.compute_ff_tokens()[:room], stop_ids)
+            taken = matcher.try_consume_tokens(run) if run else 0
+            if taken and matcher.is_stopped():  # the grammar's last token stays a sampled one
+                matcher.rollback(1)
+                taken -= 1
+            if taken:
+                runs[rid] = run[:taken]
+                self._pre_accepted[rid] = run[0]
+                self.tokens_jumped += taken - 1
+        return runs
 
     def accept(self, request_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
         """Advance each constrained request's grammar by its token; the ids whose grammar has ended.
@@ -144,8 +185,13 @@ class GrammarMatchers:
         ended = []
         for rid, token in zip(request_ids, tokens):
             if self.constrained(rid):
-                matcher = self._matcher(rid)
                 self.tokens_accepted += 1
+                expected = self._pre_accepted.pop(rid, None)
+                if expected is not None:  # consumed by jump_forward; its one-token mask made the device agree
+                    if int(token) != expected:
+                        ended.append(rid)
+                    continue
+                matcher = self._matcher(rid)
                 if not matcher.consume_token(int(token)) or matcher.is_stopped():
                     ended.append(rid)
         return ended
@@ -154,6 +200,7 @@ class GrammarMatchers:
         """Drop the matchers of finished requests (their memory; a later call would start them over)."""
         for rid in request_ids:
             self._matchers.pop(rid, None)
+            self._pre_accepted.pop(rid, None)
             self._released.add(rid)
 
     def _matcher(self, request_id: int) -> Any:
@@ -170,3 +217,19 @@ class GrammarMatchers:
         buffer = self._buffers[self._next_buffer]
         self._next_buffer ^= 1
         return buffer[:rows]
+
+
+def _until_stop(run: list[int], stop_ids: frozenset) -> list[int]:
+    """The run up to its first stop id (which must be sampled, to end the request as any stop id does)."""
+    for i, token in enumerate(run):
+        if token in stop_ids:
+            return run[:i]
+    return run
+
+
+def _one_token_rows(mask: torch.Tensor, rows: list[tuple[int, int]]) -> None:
+    """Mask rows that allow one token each: (row, token) pairs."""
+    words = mask.numpy().view(np.uint32)
+    for row, token in rows:
+        words[row] = 0
+        words[row, token >> 5] = np.uint32(1 << (token & 31))
