@@ -117,3 +117,15 @@ def test_a_request_stopped_by_eos_costs_one_wasted_row():
 def test_the_models_context_ends_a_request_like_max_tokens():
     requests, finished, _, wasted = _run([[1, 2, 3, 4]], [50], {}, 100, 4, 64, 1.0, max_model_len=9)
     assert len(requests[0].output) == 5 and requests[0].finish_reason == "length" and wasted == 0
+
+
+def test_a_recomputed_request_left_one_token_by_its_prefill_is_computed_once():
+    """Preempted (reserve 0, a small pool), the long request is recomputed in chunks; its last chunk leaves
+    one token, which the decode pass takes: the prefill pass must not take it in the same step too."""
+    prompts = [[0]] * 7 + [[0, 0]] * 2 + [[0], [0], [1] + [0] * 10]
+    max_tokens = [1] * 8 + [3, 7, 7, 7]
+    requests, finished, scheduler, _ = _run(prompts, max_tokens, {}, 29, 1, 16, 0.0)
+    assert scheduler.num_preemptions > 0, "the case needs a recomputed request"
+    assert sorted(finished) == list(range(len(prompts)))
+    for seq in requests:
+        assert list(seq.output) == _expected(seq.index, max_tokens[seq.index], {})

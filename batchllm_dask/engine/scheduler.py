@@ -203,7 +203,7 @@ class Scheduler:
         for seq in self.prefilling:
             if budget <= 0:
                 break
-            if seq.pending > 0 and seq.context_ready():
+            if seq.pending > 0 and seq.context_ready() and not _decodes(seq):
                 chunk = Chunk(seq, seq.num_computed, min(seq.pending, budget))
                 chunks.append(chunk)
                 budget -= chunk.length
@@ -292,6 +292,14 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         self.allocator.free(seq.pages)
         seq.pages = []
+
+
+def _decodes(seq: Sequence) -> bool:
+    """Whether the decode pass takes `seq` (one pending token after generated ones), not the prefill pass.
+
+    A recomputed request whose last prefill chunk leaves one token looks like a decode: only one pass may
+    take that token, or it is computed and sampled twice in one step."""
+    return type(seq) is RequestSeq and seq.pending == 1 and len(seq.tokens) > seq.num_prompt
 
 
 def _parent_done(seq: Sequence) -> bool:
