@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
@@ -164,7 +165,7 @@ class Engine:
         if self.tokenizer is None:
             need = _tokenizer_need(prompt, params)
             if need is not None:
-                return PreparedPrompt([], f"{need} needs a tokenizer; {self.tokenizer_error}")
+                return PreparedPrompt.refused(f"{need} needs a tokenizer; {self.tokenizer_error}")
         return self._check_fits(prepare_prompt(prompt, self.tokenizer, self.args.vocab_size, self.max_model_len),
                                 params)
 
@@ -197,7 +198,7 @@ class Engine:
         return kv_bytes_per_page(self.config.page_size, a.num_layers, a.num_kv_heads, a.head_dim,
                                  torch.finfo(self.dtype).bits // 8)
 
-    def _plan(self, token_lists: list[list[int]]) -> PrefixPlan:
+    def _plan(self, token_lists: list[np.ndarray]) -> PrefixPlan:
         if not self.config.prefix_sharing:
             return PrefixPlan.unshared(len(token_lists))
         return build_prefix_plan(token_lists, self.config.min_shared_tokens)
@@ -220,7 +221,7 @@ class Engine:
             start, node = plan.suffix_start(k), plan.request_prefix[k]
             parent = prefixes[node] if node is not None else None
             seed = params[i].seed if params[i].seed is not None else self.config.seed * 1_000_003 + i
-            seq = RequestSeq(start, ids[start:], parent, rank[k], index=i, params=params[i], seed=seed,
+            seq = RequestSeq(start, ids[start:].tolist(), parent, rank[k], index=i, params=params[i], seed=seed,
                              num_prompt=len(ids) - start, sampling_row=sampling_row(params[i], seed),
                              stop_ids=self._stop_ids(params[i]))
             for prefix in seq.ancestors():

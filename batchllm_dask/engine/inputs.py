@@ -18,10 +18,18 @@ from .config import SamplingParams
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A prompt's token ids, or why it cannot run."""
+    """A prompt's token ids, or why it cannot run.
 
-    token_ids: list[int]
+    The ids stay the int64 array they were checked as: the prefix plan sorts and compares these arrays, and
+    only each request's own suffix becomes a Python list (its `tokens`), not the whole prompt.
+    """
+
+    token_ids: np.ndarray  # [n] int64 (empty where refused)
     error: str | None = None
+
+    @staticmethod
+    def refused(error: str) -> PreparedPrompt:
+        return PreparedPrompt(np.zeros(0, dtype=np.int64), error)
 
 
 def sampling_list(sampling: SamplingParams | Mapping | Sequence | None, n: int) -> list[SamplingParams]:
@@ -51,23 +59,24 @@ def prepare_prompt(prompt: object, tokenizer, vocab_size: int, max_model_len: in
     """Token ids for a text prompt or a sequence of ids, or the reason it is refused."""
     if isinstance(prompt, str):
         if not prompt:
-            return PreparedPrompt([], "empty prompt")
-        ids = list(tokenizer.encode(prompt))
+            return PreparedPrompt.refused("empty prompt")
+        ids = np.asarray(list(tokenizer.encode(prompt)), dtype=np.int64)
     else:
         ids_or_error = _token_ids(prompt, vocab_size)
         if isinstance(ids_or_error, str):
-            return PreparedPrompt([], ids_or_error)
+            return PreparedPrompt.refused(ids_or_error)
         ids = ids_or_error
-    if not ids:
-        return PreparedPrompt([], "empty prompt")
+    if len(ids) == 0:
+        return PreparedPrompt.refused("empty prompt")
     if len(ids) >= max_model_len:
-        return PreparedPrompt([], f"prompt has {len(ids)} tokens; the model's context is {max_model_len} "
+        return PreparedPrompt.refused(f"prompt has {len(ids)} tokens; the model's context is {max_model_len} "
                                   "and at least one must be left to generate")
     return PreparedPrompt(ids)
 
 
-def _token_ids(prompt: object, vocab_size: int) -> list[int] | str:
-    """A sequence of integer ids as a list (checked in numpy: prompts can be long), or an error message."""
+def _token_ids(prompt: object, vocab_size: int) -> np.ndarray | str:
+    """A sequence of integer ids as an int64 array (checked in numpy: prompts can be long), or an error
+    message.  numpy infers the type of the elements (a float or a bool among them is refused, not cast)."""
     if isinstance(prompt, (bytes, Mapping)) or not hasattr(prompt, "__len__") or not hasattr(prompt, "__iter__"):
         return f"prompt must be a string or a list of token ids, got {_describe(prompt)}"
     try:
@@ -75,13 +84,13 @@ def _token_ids(prompt: object, vocab_size: int) -> list[int] | str:
     except (TypeError, ValueError):
         ids = np.asarray([], dtype=object)
     if ids.size == 0 and len(prompt) == 0:  # type: ignore[arg-type]
-        return []
+        return np.zeros(0, dtype=np.int64)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         return f"prompt must be a string or a list of token ids, got {_describe(prompt)}"
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
         return f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5].tolist()}"
-    return ids.tolist()
+    return ids.astype(np.int64, copy=False)
 
 
 def _describe(value: object) -> str:

@@ -137,7 +137,8 @@ def sort_key(ids: np.ndarray) -> bytes:
 
 
 def build_prefix_plan(prompts: Sequence[Sequence[int]], min_shared_tokens: int = 32) -> PrefixPlan:
-    """Choose the shared prefixes of a batch of token-id prompts (each at least one token long)."""
+    """Choose the shared prefixes of a batch of token-id prompts (each at least one token long; an int64
+    array, as `PreparedPrompt` holds them, is read in place)."""
     keys = [np.asarray(p[:-1], dtype=np.int64) for p in prompts]
     order = sorted(range(len(prompts)), key=[sort_key(k) for k in keys].__getitem__)
     sorted_keys = [keys[i] for i in order]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -214,10 +215,14 @@ class StopChecker:
         return RUNNING
 
     def decode(self, token_ids: Sequence[int]) -> str | None:
-        """The text of `token_ids`; None without a tokenizer (a weights-only checkpoint: the ids are the output)."""
+        """The text of `token_ids`; None without a tokenizer (a weights-only checkpoint: the ids are the output).
+
+        The ids go as an int64 array: transformers turns an array into a list with one `tolist`, where it
+        checks a list's elements one by one in Python (a completion's text is decoded once, at its end).
+        """
         if self.tokenizer is None:
             return None
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return self.tokenizer.decode(np.asarray(token_ids, dtype=np.int64), skip_special_tokens=True)
 
     def _check_stop_strings(self, token_ids: Sequence[int], stops: tuple[str, ...]) -> StopDecision:
         # Any stop string completed by the newest token lies in the text of the last few

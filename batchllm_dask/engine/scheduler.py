@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from .kv_cache import PageAllocator, kv_shortage_message, pages_for
 from .prefix_tree import PrefixPlan
+from .request_table import RequestTable
 from .sequence import PrefixSeq, RequestSeq, Sequence, Status
 
 
@@ -77,6 +78,7 @@ class StepBatch:
 
     decodes: list[Chunk]
     prefills: list[Chunk]
+    table: RequestTable  # the running requests' columns, which the step inputs gather from
     failed: list[RequestSeq] = field(default_factory=list)  # requests that can never fit
 
     @property
@@ -108,6 +110,7 @@ class Scheduler:
         self.waiting: deque[RequestSeq] = deque(requests)
         self.running: dict[int, RequestSeq] = {}  # id -> request, in admission order: the last is the newest
         self.prefilling: list[Sequence] = []  # prefixes and requests with prompt tokens to compute, admitted order
+        self.table = RequestTable(self.max_running)  # a slot per running request (at most max_running run)
         self.reserved = 0  # pages set aside for the running requests' decode growth
         self.num_preemptions = 0
         self.recomputed_tokens = 0
@@ -123,7 +126,7 @@ class Scheduler:
         prefills, budget = self._continue_prefills(budget)
         new, failed = self._admit(budget)
         decodes.sort(key=_rank)
-        return StepBatch(decodes, sorted(prefills + new, key=_row_key), failed)
+        return StepBatch(decodes, sorted(prefills + new, key=_row_key), self.table, failed)
 
     def commit(self, batch: StepBatch) -> None:
         """Record that the batch runs: its tokens' KV will be in the pool."""
@@ -187,7 +190,9 @@ class Scheduler:
                 if victim is seq:
                     return False
                 continue
-            seq.pages += self.allocator.allocate(1)
+            page = self.allocator.allocate(1)[0]
+            seq.pages.append(page)
+            self.table.add_page(seq, page)
             if seq.reserved_pages > 0:
                 seq.reserved_pages -= 1
                 self.reserved -= 1
@@ -238,6 +243,7 @@ class Scheduler:
             new_prefixes = self._materialize(seq)
             self.waiting.popleft()
             seq.pages = self.allocator.allocate(pages_for(len(seq.tokens), self.page_size))
+            self.table.admit(seq)
             seq.reserved_pages = self._growth_reserve(seq)
             self.reserved += seq.reserved_pages
             seq.status = Status.RUNNING
@@ -297,6 +303,7 @@ class Scheduler:
         """Free a request's pages and give back what was reserved for it."""
         self.reserved -= seq.reserved_pages
         seq.reserved_pages = 0
+        self.table.release(seq)
         self._free(seq)
 
     def _free(self, seq: Sequence) -> None:

@@ -88,6 +88,7 @@ class RequestSeq(Sequence):
     feed_index: int = -1  # where its newest placeholder is in the sampled tokens of the step that samples it
     sampling_row: tuple = ()  # sampler.sampling_row(params, seed): what a step's sampling arrays take from it
     stop_ids: frozenset = frozenset()  # token ids that end it (EOS unless ignore_eos, stop_token_ids)
+    slot: int = -1  # its row of the scheduler's RequestTable while admitted (request_table.py), else -1
 
     @property
     def output(self) -> list[int]:

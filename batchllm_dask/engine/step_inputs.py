@@ -22,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, groupby
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
+from .request_table import RequestTable
 from .scheduler import Chunk, StepBatch
 from .sequence import RequestSeq, Sequence
 
@@ -88,25 +89,30 @@ class StepInputs:
 def build_step_inputs(batch: StepBatch, page_size: int) -> StepInputs:
     """The host arrays of `batch` (its sampled rows are `batch.sampled`, in order).
 
-    Per-row work is list comprehensions into numpy (no Python call per row); the prefix-run items are
-    found per run of rows below the same parent, not per row (see `_prefix_runs`).
+    The decode rows (most rows of a decode-heavy step) are gathers from the scheduler's `RequestTable` by
+    slot; what each row adds is read in C (`map` over the chunks), not by Python code per row.  The prefill
+    chunks (a few per step) are one array each; the prefix-run items are found per run of rows below the
+    same parent, not per row (see `_prefix_runs`).
     """
-    decodes, rows = batch.decodes, _chunk_rows(batch)
+    decodes, rows, table = batch.decodes, _chunk_rows(batch), batch.table
     items = _Items()
-    dec = _decode_rows(decodes, page_size, items)
+    seqs = list(map(_seq, decodes))
+    d_slots = np.fromiter(map(_slot, seqs), dtype=np.int64, count=len(seqs))
+    d_starts = np.fromiter(map(_start, decodes), dtype=np.int64, count=len(seqs))
+    ids, positions, kv_slots, feed, feed_src = _decode_rows(seqs, d_slots, d_starts, table, page_size, items)
     pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in rows]
     _prefix_runs(chain(decodes, batch.prefills), items)
-    ids = np.concatenate([dec[0], *(p[0] for p in pre)])
-    positions = np.concatenate([dec[1], *(p[1] for p in pre)])
-    slots = np.concatenate([dec[2], *(p[2] for p in pre)])
+    ids = np.concatenate([ids, *(p[0] for p in pre)])
+    positions = np.concatenate([positions, *(p[1] for p in pre)])
+    kv_slots = np.concatenate([kv_slots, *(p[2] for p in pre)])
+    sampled = [(c, row) for c, row in rows if c.samples]
     logits_rows = np.concatenate([np.arange(len(decodes), dtype=np.int64),
-                                  np.asarray([row + c.length - 1 for c, row in rows if c.samples],
-                                             dtype=np.int64)])
-    feed = np.flatnonzero(dec[0] == PLACEHOLDER)
-    feed_src = np.asarray([decodes[i].seq.feed_index for i in feed.tolist()], dtype=np.int64)
-    sampled = [c.seq for c in batch.sampled]
-    return StepInputs(ids, positions, slots, logits_rows, feed.astype(np.int64), feed_src, items.host_work(),
-                      sampling_arrays(sampled), len(decodes))
+                                  np.asarray([row + c.length - 1 for c, row in sampled], dtype=np.int64)])
+    # a sampled chunk ends its request's tokens: a decode's end is its start + 1
+    s_slots = np.concatenate([d_slots, np.asarray([c.seq.slot for c, _ in sampled], dtype=np.int64)])
+    s_ends = np.concatenate([d_starts + 1, np.asarray([c.start + c.length for c, _ in sampled], dtype=np.int64)])
+    return StepInputs(ids, positions, kv_slots, logits_rows, feed, feed_src, items.host_work(table),
+                      sampling_arrays(table, s_slots, s_ends), len(decodes))
 
 
 def _chunk_rows(batch: StepBatch) -> list[tuple[Chunk, int]]:
@@ -140,20 +146,21 @@ def page_array(seq: Sequence) -> np.ndarray:
 
 
 class _Items:
-    """Attention items as they are added, with the sequences whose pages they read: the decode rows' items
-    as one block of arrays (they come first), then the others one by one."""
+    """Attention items as they are added, with whose pages they read: the decode rows' items as one block
+    of arrays over table slots (they come first), then the others one by one over their sequences."""
 
     def __init__(self) -> None:
-        self.block: tuple[np.ndarray, np.ndarray, list[Sequence]] | None = None  # (q_start, kv_len, owners)
+        self.block: tuple[np.ndarray, np.ndarray] | None = None  # (kv_len, table slots) of the decode rows
         self.q_start: list[int] = []
         self.q_len: list[int] = []
         self.kv_len: list[int] = []
         self.causal: list[int] = []
         self.owners: list[Sequence] = []
 
-    def add_decodes(self, kv_len: np.ndarray, owners: list[Sequence]) -> None:
-        """One causal item of one row per decode, row i for decode i (before any other item)."""
-        self.block = (np.arange(len(kv_len), dtype=np.int32), kv_len.astype(np.int32), owners)
+    def add_decodes(self, kv_len: np.ndarray, slots: np.ndarray) -> None:
+        """One causal item of one row per decode, row i for decode i (before any other item), over the pages
+        of the request in table slot `slots[i]`."""
+        self.block = (kv_len.astype(np.int32), slots)
 
     def add(self, q_start: int, q_len: int, kv_len: int, causal: int, owner: Sequence) -> None:
         """An item over the pages of `owner`."""
@@ -163,35 +170,49 @@ class _Items:
         self.causal.append(causal)
         self.owners.append(owner)
 
-    def host_work(self) -> HostWork:
+    def host_work(self, table: RequestTable) -> HostWork:
+        """The items as arrays, the decode block's first; its page lists come from the table in one gather."""
         as32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
-        q_start, q_len, kv_len, causal = as32(self.q_start), as32(self.q_len), as32(self.kv_len), as32(self.causal)
-        owners = self.owners
-        if self.block is not None:
-            d_start, d_kv, d_owners = self.block
-            ones = np.ones(len(d_start), dtype=np.int32)
-            q_start, q_len = np.concatenate([d_start, q_start]), np.concatenate([ones, q_len])
-            kv_len, causal = np.concatenate([d_kv, kv_len]), np.concatenate([ones, causal])
-            owners = d_owners + owners
-        arrays = [page_array(s) for s in owners]
+        columns = [as32(self.q_start), as32(self.q_len), as32(self.kv_len), as32(self.causal)]
+        arrays = [page_array(s) for s in self.owners]
         counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-        total = int(counts.sum())
-        page_ids = np.concatenate(arrays) if total else np.zeros(1, dtype=np.int32)
+        if self.block is not None:
+            d_kv, d_slots = self.block
+            ones = np.ones(len(d_kv), dtype=np.int32)
+            block = [np.arange(len(d_kv), dtype=np.int32), ones, d_kv, ones]  # q_start, q_len, kv_len, causal
+            columns = [np.concatenate(pair) for pair in zip(block, columns)]
+            d_pages, d_counts = table.page_lists(d_slots)
+            arrays, counts = [d_pages, *arrays], np.concatenate([d_counts, counts])
+        page_ids = np.concatenate(arrays) if int(counts.sum()) else np.zeros(1, dtype=np.int32)
         page_start = (np.cumsum(counts) - counts).astype(np.int32)
-        return HostWork(q_start, q_len, kv_len, causal, page_start, page_ids)
+        return HostWork(*columns, page_start, page_ids)
 
 
-def _decode_rows(decodes: list[Chunk], page_size: int, items: _Items):
-    """ids, positions, slots of the decode rows; their own-segment items."""
-    seqs = [c.seq for c in decodes]
-    start_list = [c.start for c in decodes]
-    starts = np.asarray(start_list, dtype=np.int64)
-    ids = np.asarray([s.tokens[i] for s, i in zip(seqs, start_list)], dtype=np.int64)
-    positions = np.asarray([s.start for s in seqs], dtype=np.int64) + starts
-    pages = np.asarray([s.pages[i // page_size] for s, i in zip(seqs, start_list)], dtype=np.int64)
-    slots = pages * page_size + starts % page_size
-    items.add_decodes(starts + 1, seqs)
-    return ids, positions, slots
+_seq = itemgetter(0)  # a chunk's sequence
+_start = itemgetter(1)  # a chunk's first token index
+_slot = attrgetter("slot")
+_tokens = attrgetter("tokens")
+_last = itemgetter(-1)
+_feed_index = attrgetter("feed_index")
+
+
+def _decode_rows(seqs: list[RequestSeq], slots: np.ndarray, starts: np.ndarray, table: RequestTable,
+                 page_size: int, items: _Items):
+    """ids, positions, KV slots, feed rows and feed sources of the decode rows (of `seqs`, in their table
+    `slots`, from token index `starts`); their own-segment items.
+
+    A decode's token is its request's last (it has one pending token); each row's last token and feed
+    index are read in C, and everything else is gathered from the table by slot.
+    """
+    n = len(seqs)
+    ids = np.fromiter(map(_last, map(_tokens, seqs)), dtype=np.int64, count=n)
+    positions = table.start[slots] + starts
+    pages = table.pages[slots, starts // page_size].astype(np.int64)
+    kv_slots = pages * page_size + starts % page_size
+    items.add_decodes(starts + 1, slots)
+    feed = np.flatnonzero(ids == PLACEHOLDER)
+    feed_src = np.fromiter(map(_feed_index, seqs), dtype=np.int64, count=n)[feed]
+    return ids, positions, kv_slots, feed.astype(np.int64), feed_src
 
 
 _parent = attrgetter("seq.parent")  # a chunk's parent prefix (in C: called once per row)
@@ -234,14 +255,12 @@ def _prefill_rows(chunk: Chunk, page_size: int, items: _Items, row: int):
     return ids, span + seq.start, slots
 
 
-def sampling_arrays(seqs: list[RequestSeq]) -> SamplingArrays:
-    """The per-row sampling settings of the sampled requests (their cached `sampling_row`)."""
-    columns = list(zip(*[s.sampling_row for s in seqs])) or [()] * 6
-    temperature = np.asarray(columns[0], dtype=np.float32)
-    top_p = np.asarray(columns[1], dtype=np.float32)
-    top_k = np.asarray(columns[2], dtype=np.int64)
-    seed = np.asarray(columns[3], dtype=np.int64)
-    greedy = np.asarray(columns[4], dtype=np.uint8)
-    step = np.asarray([len(s.tokens) - s.num_prompt for s in seqs], dtype=np.int64)
-    filters = np.asarray(columns[5], dtype=bool)
-    return SamplingArrays(temperature, top_p, top_k, seed, step, greedy, bool(greedy.all()), bool(filters.any()))
+def sampling_arrays(table: RequestTable, slots: np.ndarray, ends: np.ndarray) -> SamplingArrays:
+    """The sampling settings of the sampled rows (their requests' table `slots`), gathered from the table.
+
+    ends: each sampled chunk's end, its request's length: the completion token it samples is the end less
+    the prompt's length.
+    """
+    greedy = table.greedy[slots]
+    return SamplingArrays(table.temperature[slots], table.top_p[slots], table.top_k[slots], table.seed[slots],
+                          ends - table.num_prompt[slots], greedy, bool(greedy.all()), bool(table.filters[slots].any()))

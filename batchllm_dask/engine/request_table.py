@@ -1,0 +1,78 @@
+"""Numpy columns the scheduler keeps per running request, so a step's inputs are gathers, not a pass per row.
+
+Every admitted request holds a *slot*, one row of the table, until it is released (finished or
+preempted).  A row keeps what a step's inputs read about the request and what changes rarely:
+
+- static settings, written once at admission: the absolute position of its first token, its prompt
+  length, and its sampling settings (`RequestSeq.sampling_row`);
+- its KV page ids, a row of the page table, written as the scheduler allocates them (admission, one
+  new page a decode at a time) and dropped when it frees them.
+
+The scheduler is the only code that gives a request pages or takes them away, so the page table is
+always the requests' `pages` lists as arrays.  step_inputs.py gathers the decode rows' positions, KV
+slots, page lists and sampling settings from here by slot (`StepBatch.table`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .sequence import RequestSeq
+
+_INITIAL_WIDTH = 64  # page-table columns at first; doubled when a request needs more
+
+
+class RequestTable:
+    """Rows of running requests: static columns and a page table, indexed by `RequestSeq.slot`."""
+
+    def __init__(self, num_slots: int):
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
+        self.start = np.zeros(num_slots, dtype=np.int64)
+        self.num_prompt = np.zeros(num_slots, dtype=np.int64)
+        self.temperature = np.zeros(num_slots, dtype=np.float32)
+        self.top_p = np.zeros(num_slots, dtype=np.float32)
+        self.top_k = np.zeros(num_slots, dtype=np.int64)
+        self.seed = np.zeros(num_slots, dtype=np.int64)
+        self.greedy = np.zeros(num_slots, dtype=np.uint8)
+        self.filters = np.zeros(num_slots, dtype=bool)
+        self.num_pages = np.zeros(num_slots, dtype=np.int64)
+        self.pages = np.zeros((num_slots, _INITIAL_WIDTH), dtype=np.int32)
+
+    def admit(self, seq: RequestSeq) -> None:
+        """Give `seq` a slot and write its row (its pages: the list it was just allocated)."""
+        slot = seq.slot = self.free_slots.pop()
+        self.start[slot], self.num_prompt[slot] = seq.start, seq.num_prompt
+        if seq.sampling_row:  # (a request made without one, in a scheduler-only test, is never sampled)
+            temperature, top_p, top_k, seed, greedy, filters = seq.sampling_row
+            self.temperature[slot], self.top_p[slot], self.top_k[slot] = temperature, top_p, top_k
+            self.seed[slot], self.greedy[slot], self.filters[slot] = seed, greedy, filters
+        self._fit(len(seq.pages))
+        self.pages[slot, :len(seq.pages)] = seq.pages
+        self.num_pages[slot] = len(seq.pages)
+
+    def add_page(self, seq: RequestSeq, page: int) -> None:
+        """Record a page just appended to `seq.pages`."""
+        slot, n = seq.slot, int(self.num_pages[seq.slot])
+        self._fit(n + 1)
+        self.pages[slot, n] = page
+        self.num_pages[slot] = n + 1
+
+    def release(self, seq: RequestSeq) -> None:
+        """Free `seq`'s slot (its pages were freed)."""
+        self.num_pages[seq.slot] = 0
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+
+    def page_lists(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the page ids of every slot in `slots`, concatenated in that order; each one's count)."""
+        counts = self.num_pages[slots]
+        width = int(counts.max(initial=0))
+        block = self.pages[slots, :width]
+        return block[np.arange(width) < counts[:, None]], counts
+
+    def _fit(self, num_pages: int) -> None:
+        """Widen the page table to hold `num_pages` pages per row."""
+        width = self.pages.shape[1]
+        if num_pages > width:
+            wider = np.zeros((len(self.pages), max(num_pages, 2 * width)), dtype=np.int32)
+            wider[:, :width] = self.pages
+            self.pages = wider
