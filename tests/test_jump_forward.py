@@ -177,3 +177,15 @@ def test_forced_chunks_split_by_a_small_token_budget_give_the_same_tokens(tiny_l
     fast, slow = jumping.generate(prompts(6), params), stepping.generate(prompts(6), params)
     assert [(o.token_ids, o.finish_reason) for o in fast] == [(o.token_ids, o.finish_reason) for o in slow]
     assert jumping.last_stats.steps < stepping.last_stats.steps
+
+
+def test_jumps_under_preemption_give_the_same_tokens(tiny_llama_dir):
+    """A small pool with no decode reserve preempts and recomputes requests, forced tokens included."""
+    tight = {**ENGINE, "kv_cache_bytes": None, "decode_reserve": 0.0}
+    page = Engine(tiny_llama_dir, **ENGINE)._page_bytes()
+    tight["kv_cache_bytes"] = 40 * page  # 640 tokens for 8 requests of some 50 prompt and up to 80 output tokens
+    jumping, stepping = Engine(tiny_llama_dir, **tight), Engine(tiny_llama_dir, **tight, jump_forward=False)
+    params = SamplingParams(max_tokens=80, temperature=0.0, json_schema=SCHEMA)
+    fast, slow = jumping.generate(prompts(8), params), stepping.generate(prompts(8), params)
+    assert jumping.last_stats.preemptions > 0
+    assert [(o.token_ids, o.finish_reason) for o in fast] == [(o.token_ids, o.finish_reason) for o in slow]
