@@ -60,7 +60,7 @@ def prepare_prompt(prompt: object, tokenizer, vocab_size: int, max_model_len: in
     if isinstance(prompt, str):
         if not prompt:
             return PreparedPrompt.refused("empty prompt")
-        ids = np.asarray(list(tokenizer.encode(prompt)), dtype=np.int64)
+        ids = np.asarray(tokenizer.encode(prompt), dtype=np.int64)
     else:
         ids_or_error = _token_ids(prompt, vocab_size)
         if isinstance(ids_or_error, str):

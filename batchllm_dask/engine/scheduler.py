@@ -173,7 +173,7 @@ class Scheduler:
             if len(chunks) >= limit:
                 break
             length, computed = len(seq.tokens), seq.num_computed
-            if seq.status is running and length - computed == 1 and length > seq.num_prompt:
+            if seq.status is running and length - computed == 1 and length > seq.num_prompt:  # `_decodes`, inline
                 # the common case inline: its pages already hold the new token (else `_grow` takes one)
                 if len(seq.pages) * page_size > computed or self._grow(seq, computed + 1):
                     chunks.append(_new_chunk((seq, computed, 1)))
@@ -314,8 +314,9 @@ class Scheduler:
 def _decodes(seq: Sequence) -> bool:
     """Whether the decode pass takes `seq` (one pending token after generated ones), not the prefill pass.
 
-    A recomputed request whose last prefill chunk leaves one token looks like a decode: only one pass may
-    take that token, or it is computed and sampled twice in one step."""
+    A recomputed request whose last prefill chunk leaves one token looks like a decode (so does a forced
+    run of jump_forward.py cut down to its last token): only one pass may take that token, or it is computed
+    and sampled twice in one step.  `_schedule_decodes` tests the same condition inline (its hot loop)."""
     return type(seq) is RequestSeq and seq.pending == 1 and len(seq.tokens) > seq.num_prompt
 
 
