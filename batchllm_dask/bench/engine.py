@@ -9,8 +9,9 @@ every request at once on a random-weight checkpoint of a standard shape, timed a
   only) over the timed run's wall time;
 - the ablations, each the full engine with one technique taken away: prefix sharing off, decode-first
   ordering off, count-bounded batching (a fixed cap of running requests and no decode reserve: admission by
-  count, not by memory), and the torch reference attention instead of the Triton kernels (slow: run at its
-  own small scale); their greedy tokens are compared with the full engine's;
+  count, not by memory), the torch reference attention instead of the Triton kernels (slow: run at its
+  own small scale), and steps with prefill chunks run eagerly instead of from CUDA graphs
+  (mixed-graphs-off); their greedy tokens are compared with the full engine's;
 - Hugging Face transformers' static `generate` on the workloads of --hf-workloads at --hf-scale;
 - an extra KV-pool run (--kv-gib: a fixed pool, the memory-pressure case) at --kv-scale.
 
@@ -45,6 +46,7 @@ ABLATIONS = {  # name -> engine options that take one technique away
     "decode-first-off": {"decode_first": False},
     "count-bounded": {"max_num_seqs": 64, "decode_reserve": 0.0},
     "torch-attention": {"attention_backend": "torch", "cuda_graphs": False},
+    "mixed-graphs-off": {"cuda_graph_max_tokens": 0},  # steps with prefill chunks eager (mixed_graphs.py)
 }
 
 

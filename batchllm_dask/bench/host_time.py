@@ -10,7 +10,8 @@ on the GPU path stays, through the real code:
 
 - scheduling, step inputs, commit, placeholders and resolve (stop checks) as in `Engine._run`;
 - the attention tile plan (`plan_on_host`), split for mixed steps as `ModelRunner` plans them for the
-  Triton kernel, fixed-grid for decode-only steps as `DecodeGraphs` plans and lays them out for a replay;
+  Triton kernel, fixed-grid for graphed steps as `DecodeGraphs` and `MixedGraphs` plan and lay them out for a
+  replay (steps with prefill chunks sized by the scheduler for the mixed graphs, as on CUDA);
 - the one staging copy of a step's arrays (into a plain host buffer here, pinned on CUDA).
 
 The tokens "sampled" are a fixed valid id, instantly.  Printed per workload and scale: steps, tokens per
@@ -39,6 +40,7 @@ from ..engine import Engine, SamplingParams
 from ..engine import cuda_graphs as graphs_module
 from ..engine import engine as engine_module
 from ..engine.cuda_graphs import DecodeGraphs
+from ..engine.mixed_graphs import MixedGraphs
 from ..engine.kv_cache import kv_bytes_per_page
 from ..engine.runner import ModelRunner, StepLogits, _arrays, _device_work
 from ..engine.staging import SampledTokens
@@ -53,6 +55,7 @@ TOKEN_BUDGET = 16384
 MAX_NUM_SEQS = 512
 PAGE_SIZE = 16
 KV_PAGES = 1 << 17  # every workload at scale 1 fits without preemption
+GRAPH_MAX_TOKENS = 4096  # EngineConfig.cuda_graph_max_tokens's default
 STUB_TOKEN = 300  # the id every stubbed sample returns (a valid id, never EOS: EOS is ignored anyway)
 _PHASES = ("engine.schedule", "engine.launch", "  build_step_inputs", "  tile plan", "  rest of launch",
            "engine.wait", "engine.resolve", "loop", "outside loop")
@@ -85,8 +88,17 @@ class PhaseTimes:
 
 
 def _no_capture(forward):
-    """A CUDA graph "capture" that captures nothing: a replay does no work, its logits are a placeholder."""
-    return (lambda: None), torch.zeros(1)
+    """A CUDA graph "capture" that captures nothing: a replay does no work, its output is a placeholder
+    (a row per token of the largest mixed step, from which the mixed graphs pick the sampled rows)."""
+    return (lambda: None), torch.zeros(GRAPH_MAX_TOKENS, 1)
+
+
+class _NoHead:
+    """The LM head that mixed graphs run after a replay: nothing either."""
+
+    @staticmethod
+    def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 class HostOnlyRunner:
@@ -102,6 +114,10 @@ class HostOnlyRunner:
         runner.triton_plans = True
         runner.graphs = DecodeGraphs(runner.model, runner.k_cache, runner.v_cache, runner.scratch_page,
                                      max_num_seqs, capture=_no_capture)
+        runner.mixed_graphs = MixedGraphs(runner.model, runner.k_cache, runner.v_cache, runner.scratch_page,
+                                          GRAPH_MAX_TOKENS, capture=_no_capture)
+        runner.mixed_graphs.model = _NoHead()
+        runner.step_sizes = runner.mixed_graphs.sizes
         runner._eager = self._eager
         runner.sample = self._sample
 

@@ -137,7 +137,11 @@ class EngineConfig:
         prompt tokens it saves, reaches this.
     cuda_graphs: replay CUDA graphs for decode-only steps (CUDA with the Triton
         attention only; elsewhere ignored), which removes most of a decode step's
-        launch overhead (measured on an H100: long-output 6.13 s -> 2.54 s).
+        launch overhead (measured on an H100: long-output 6.13 s -> 2.54 s), and
+        for steps with prefill chunks of up to cuda_graph_max_tokens tokens.
+    cuda_graph_max_tokens: the largest step with prefill chunks that replays a
+        graph (mixed_graphs.py; capped by the token budget; below 64, such steps
+        run eagerly).  Larger steps are bound by the GPU, not by their launches.
     decode_first: inside each prefix group, start the requests with the most
         decode per prompt token first (BatchLLM's decode-first reordering); False
         keeps the input order (an ablation in the benchmark).
@@ -173,6 +177,7 @@ class EngineConfig:
     progress: bool = False
     seed: int = 0
     cuda_graphs: bool = True
+    cuda_graph_max_tokens: int = 4096
     decode_first: bool = True
     decode_reserve: float = 1.0
     jump_forward: bool = True
@@ -202,6 +207,8 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                f"must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         _check(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
+        _check(_is_int(self.cuda_graph_max_tokens) and self.cuda_graph_max_tokens >= 0, "cuda_graph_max_tokens",
+               f"must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
         _check(isinstance(self.decode_first, bool), "decode_first", f"must be a bool, got {self.decode_first!r}")
         _check(isinstance(self.jump_forward, bool), "jump_forward", f"must be a bool, got {self.jump_forward!r}")
         _check(_is_number(self.decode_reserve) and 0 <= self.decode_reserve <= 1, "decode_reserve",

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..kernels import AttentionWork, triton_supported
-from ..kernels.attention_plan import PROGRAMS_PER_SM, tile_sizes
+from ..kernels.attention_plan import PROGRAMS_PER_SM, FixedPlanLayout, tile_sizes
 from ..kernels.prefix_attention import _num_sms, bind_plan, fixed_plan_layout, host_plan, supported_head_dim
 from .batch import ForwardBatch
 from .model import CausalLM
@@ -101,7 +101,7 @@ class CudaGraphCapture:
 @dataclass
 class _Graph:
     replay: Callable[[], Any]  # holds the graph
-    logits: torch.Tensor  # [size, vocab] float32, rewritten by each replay
+    out: torch.Tensor  # [size, ...]: logits (decode graphs) or final hidden states (mixed), rewritten by each replay
     tiles: int  # capacities it was captured with: small tiles, partials, big tiles
     parts: int
     big: int
@@ -118,27 +118,31 @@ class _Capacity:
     num_big: int
 
 
-class DecodeGraphs:
-    """Captures and replays the forward of decode-only steps, one graph per batch bucket.
+class StepGraphs:
+    """What decode and mixed steps' graphs share: static inputs, their staging, capture and growth.
 
-    model, k_cache, v_cache: the runner's; scratch_page: a pool page the allocator never
-    hands out; max_batch: the engine's max_num_seqs.  `run` returns the logits of a
-    step's real rows, or None when the step must run eagerly.  Counters: `replays`,
-    `captures`, `eager_steps` (decode-only steps that ran eagerly: too many rows, or a plan too big).
+    A graph of `size` token rows is keyed by (size, the plan's tile classes) and replays a forward pass
+    (`_forward`, the subclass's) over views of one static int32 buffer:
+
+        [ids (cap) | positions (cap) | slots (cap) | attention plan (layout) | page ids (max_pages)]
+
+    where cap is the largest size.  Padded rows (past the step's tokens) hold token 0 at position 0 and
+    write their K/V to the scratch page; no attention item covers them.
     """
 
     def __init__(self, model: CausalLM, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_page: int,
-                 max_batch: int, attention_backend: str = "auto", capture: Capture | None = None):
+                 sizes: tuple[int, ...], layout: FixedPlanLayout, max_pages: int, attention_backend: str,
+                 capture: Capture | None):
         args = model.args
         self.model, self.k_cache, self.v_cache, self.backend = model, k_cache, v_cache, attention_backend
         self.device = k_cache.device
         self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
-        self.sizes = bucket_sizes(max_batch)
+        self.sizes = sizes
         self.scratch_slot = scratch_page * k_cache.shape[2]
         self.capture = capture or CudaGraphCapture(self.device)
         rows = self.sizes[-1]
-        self.layout = fixed_plan_layout(rows, self.num_kv_heads, self.device)
-        self.max_pages = k_cache.shape[1]  # a decode step names each page at most once
+        self.layout = layout
+        self.max_pages = max_pages
         self._plan_at = 3 * rows  # [ids | positions | slots | plan | page ids]
         self._pages_at = self._plan_at + self.layout.size
         length = self._pages_at + self.max_pages
@@ -147,35 +151,30 @@ class DecodeGraphs:
         self._host = [h.numpy() for h in self.hosts]
         self._turn = 0
         self.static = torch.zeros(length, dtype=torch.int32, device=self.device)
-        self.logits_rows = torch.arange(rows, device=self.device)
+        self.all_rows = torch.arange(rows, device=self.device)
         self._copied = [torch.cuda.Event() if on_cuda else None for _ in range(2)]
         self.graphs: dict[tuple, _Graph] = {}
         self.replays = self.captures = self.eager_steps = 0
 
-    def run(self, inputs: StepInputs, feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-            ) -> torch.Tensor | None:
-        """Logits [B, vocab] float32 of a decode-only step, by replay; None: run the step eagerly.
-
-        inputs: the step's host arrays, every row sampled.  feed: (rows, src, tokens) on the device: rows of
-        the step whose input id is tokens[src] (the previous step's samples), written into the static ids.
-        """
-        n = inputs.num_tokens
-        size = bucket_for(n, self.sizes)
-        if size is None or len(inputs.logits_rows) != n:
-            self.eager_steps += 1
-            return None
-        plan = host_plan(inputs.work, size, self.num_heads, self.num_kv_heads, self.device)
+    def _plan(self, inputs: StepInputs, size: int) -> HostPlan | None:
+        """The step's attention plan over `size` rows, or None (and counted) when it does not fit the buffers."""
+        plan = host_plan(inputs.work, size, self.num_heads, self.num_kv_heads, self.device, split=self.split_plans)
         if not self.layout.fits(plan) or len(inputs.work.page_ids) > self.max_pages:
             self.eager_steps += 1
             return None
+        return plan
+
+    def _replay(self, inputs: StepInputs, size: int, plan: HostPlan,
+                feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Stage the step, feed its device-side ids, replay its graph; the graph's output (all `size` rows)."""
         self._stage(inputs, size, plan)
         if feed is not None:
             rows, src, tokens = feed
-            self.static[:n].index_copy_(0, rows, tokens.index_select(0, src).to(torch.int32))
+            self.static[:inputs.num_tokens].index_copy_(0, rows, tokens.index_select(0, src).to(torch.int32))
         graph = self._graph_for(size, plan)
         graph.replay()
         self.replays += 1
-        return graph.logits[:n]
+        return graph.out
 
     def _stage(self, inputs: StepInputs, size: int, plan: HostPlan) -> None:
         """Write the step into a pinned host buffer and copy it to the static one (real rows, then padding).
@@ -198,18 +197,7 @@ class DecodeGraphs:
         if self._copied[turn] is not None:
             self._copied[turn].record()
 
-    def capture_all(self) -> None:
-        """Capture every bucket's graph now, as an engine starts (vLLM does the same), with the tile and
-        partial capacities a decode step of that size usually needs: no generate call pays for captures
-        (on the H100 they cost the first call of a shared-instructions run about a second).  A step that
-        needs more still grows its graph later."""
-        group = self.num_heads // self.num_kv_heads
-        small_m, big_m = tile_sizes(group, 1)
-        spread = 2 * PROGRAMS_PER_SM * _num_sms(self.device) // self.num_kv_heads  # split-K's prefix tiles
-        for size in self.sizes:
-            self._graph_for(size, _Capacity((small_m, big_m, False), size + 2 * spread, 2 * (size + spread), spread))
-
-    def _graph_for(self, size: int, plan: HostPlan) -> _Graph:
+    def _graph_for(self, size: int, plan: HostPlan | _Capacity) -> _Graph:
         """The graph of this bucket and tile classes, captured (again, larger) when the plan needs more."""
         key = (size, *plan.variant)
         graph = self.graphs.get(key)
@@ -234,13 +222,67 @@ class DecodeGraphs:
         ids, positions, slots = (self.static[i * cap:i * cap + size] for i in range(3))
 
         def forward() -> torch.Tensor:
-            batch = ForwardBatch(ids.long(), positions.long(), slots.long(), work, self.logits_rows[:size])
-            hidden = self.model(batch, self.k_cache, self.v_cache, self.backend)
-            return self.model.compute_logits(hidden)
+            batch = ForwardBatch(ids.long(), positions.long(), slots.long(), work, self.all_rows[:size])
+            return self._forward(batch)
 
-        replay, logits = self.capture(forward)
+        replay, out = self.capture(forward)
         self.captures += 1
-        return _Graph(replay, logits, tiles, parts, big, work)
+        return _Graph(replay, out, tiles, parts, big, work)
+
+    split_plans = False  # the plan's big tiles: 64 rows (decode plans) or up to 128 (split, as eager steps)
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DecodeGraphs(StepGraphs):
+    """Captures and replays the forward of decode-only steps, one graph per batch bucket.
+
+    model, k_cache, v_cache: the runner's; scratch_page: a pool page the allocator never
+    hands out; max_batch: the engine's max_num_seqs.  `run` returns the logits of a
+    step's real rows, or None when the step must run eagerly.  Counters: `replays`,
+    `captures`, `eager_steps` (decode-only steps that ran eagerly: too many rows, or a plan too big).
+    """
+
+    def __init__(self, model: CausalLM, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_page: int,
+                 max_batch: int, attention_backend: str = "auto", capture: Capture | None = None):
+        sizes = bucket_sizes(max_batch)
+        layout = fixed_plan_layout(sizes[-1], model.args.num_kv_heads, k_cache.device)
+        # a decode step names each page at most once
+        super().__init__(model, k_cache, v_cache, scratch_page, sizes, layout, k_cache.shape[1], attention_backend,
+                         capture)
+
+    def run(self, inputs: StepInputs, feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            ) -> torch.Tensor | None:
+        """Logits [B, vocab] float32 of a decode-only step, by replay; None: run the step eagerly.
+
+        inputs: the step's host arrays, every row sampled.  feed: (rows, src, tokens) on the device: rows of
+        the step whose input id is tokens[src] (the previous step's samples), written into the static ids.
+        """
+        n = inputs.num_tokens
+        size = bucket_for(n, self.sizes)
+        if size is None or len(inputs.logits_rows) != n:
+            self.eager_steps += 1
+            return None
+        plan = self._plan(inputs, size)
+        if plan is None:
+            return None
+        return self._replay(inputs, size, plan, feed)[:n]
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now, as an engine starts (vLLM does the same), with the tile and
+        partial capacities a decode step of that size usually needs: no generate call pays for captures
+        (on the H100 they cost the first call of a shared-instructions run about a second).  A step that
+        needs more still grows its graph later."""
+        group = self.num_heads // self.num_kv_heads
+        small_m, big_m = tile_sizes(group, 1)
+        spread = 2 * PROGRAMS_PER_SM * _num_sms(self.device) // self.num_kv_heads  # split-K's prefix tiles
+        for size in self.sizes:
+            self._graph_for(size, _Capacity((small_m, big_m, False), size + 2 * spread, 2 * (size + spread), spread))
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """The logits of every row (the model's forward and its LM head, both captured)."""
+        return self.model.compute_logits(self.model(batch, self.k_cache, self.v_cache, self.backend))
 
 
 def unsupported_reason(model: CausalLM, k_cache: torch.Tensor, attention_backend: str) -> str | None:

@@ -101,11 +101,13 @@ class Engine:
         self.num_kv_pages = self._kv_pages()
         self.max_num_batched_tokens = self._token_budget()
         self.runner = ModelRunner(self.model, self.num_kv_pages, self.config.page_size, self.config.attention_backend,
-                                  cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs)
+                                  cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
+                                  graph_max_tokens=min(self.config.cuda_graph_max_tokens, self.max_num_batched_tokens))
         if self.group is not None:  # rank 0's tokens on every rank: the ranks' schedulers stay in lock-step
             self.runner.token_sync = self.group.broadcast
-        if self.runner.graphs is not None:
-            self.runner.graphs.capture_all()
+        for graphs in (self.runner.graphs, self.runner.mixed_graphs):
+            if graphs is not None:
+                graphs.capture_all()
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_token_ids, self.device)
         self.last_stats: GenerationStats | None = None
@@ -243,7 +245,8 @@ class Engine:
         """
         scheduler = Scheduler(requests, PageAllocator(self.num_kv_pages), self.config.page_size,
                               self.max_num_batched_tokens, self.config.max_num_seqs,
-                              self.config.decode_reserve, page_bytes=self._page_bytes())
+                              self.config.decode_reserve, page_bytes=self._page_bytes(),
+                              step_sizes=self.runner.step_sizes)
         count = _LoopCounters()
         phase = record_function if self.annotate_steps else _no_phase
         in_flight: _InFlight | None = None

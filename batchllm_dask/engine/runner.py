@@ -10,8 +10,9 @@ step_inputs.py) into a forward pass:
    host work list: no device round trip);
 2. the input ids of decode rows whose token the previous step is still
    sampling are copied on the device from that step's output (the feed);
-3. the forward pass, replayed from a CUDA graph for decode-only steps where it
-   can (cuda_graphs.py), eager otherwise; logits for the sampled rows only;
+3. the forward pass, replayed from a CUDA graph where it can (cuda_graphs.py for
+   decode-only steps, mixed_graphs.py for steps with prefill chunks of up to
+   `cuda_graph_max_tokens`), eager otherwise; logits for the sampled rows only;
 4. sampling on the device (`sample`, with structured output's token mask where a
    row has one), and the tokens copied into pinned memory behind an event
    (`SampledTokens`): neither call waits for the device.
@@ -33,6 +34,7 @@ from .step_inputs import HostWork, SamplingArrays, StepInputs
 
 if TYPE_CHECKING:
     from .cuda_graphs import DecodeGraphs
+    from .mixed_graphs import MixedGraphs
 
 _WORK_FIELDS = ("q_start", "q_len", "kv_len", "causal", "page_start", "page_ids")
 
@@ -48,12 +50,13 @@ class StepLogits:
 class ModelRunner:
     """Owns the KV pool; launches steps (through `DecodeGraphs` where it can).
 
-    cuda_graphs: replay captured graphs for decode-only steps of up to max_num_seqs requests (CUDA and
-    the Triton attention only; elsewhere ignored).
+    cuda_graphs: replay captured graphs for decode-only steps of up to max_num_seqs requests and for steps
+    with prefill chunks of up to graph_max_tokens tokens (0: those run eagerly) (CUDA and the Triton
+    attention only; elsewhere ignored).
     """
 
     def __init__(self, model: CausalLM, num_pages: int, page_size: int, attention_backend: str,
-                 cuda_graphs: bool = False, max_num_seqs: int = 512):
+                 cuda_graphs: bool = False, max_num_seqs: int = 512, graph_max_tokens: int = 0):
         args = model.args
         param = next(model.parameters())
         self.model = model
@@ -68,11 +71,18 @@ class ModelRunner:
         self.stager = Stager(self.device)
         self.returns = TokenReturn(self.device)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.token_sync = None  # tensor parallel: makes every rank's sampled tokens rank 0's (parallel.py)
         if cuda_graphs:
             from .cuda_graphs import make_decode_graphs  # triton loads only where it runs
             self.graphs = make_decode_graphs(model, self.k_cache, self.v_cache, self.scratch_page, max_num_seqs,
                                              attention_backend)
+        if self.graphs is not None and graph_max_tokens >= 64:
+            from .mixed_graphs import MixedGraphs
+            self.mixed_graphs = MixedGraphs(model, self.k_cache, self.v_cache, self.scratch_page, graph_max_tokens,
+                                            attention_backend)
+        # token counts at which a step with prefill chunks replays a graph: the scheduler aims for them
+        self.step_sizes: tuple[int, ...] = self.mixed_graphs.sizes if self.mixed_graphs is not None else ()
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, previous: SampledTokens | None) -> StepLogits:
@@ -81,10 +91,16 @@ class ModelRunner:
         previous: the last step's tokens, where some of this step's input ids are still on the device.
         """
         graphed = self.graphs is not None and inputs.decode_only
-        plan = None if graphed or not self.triton_plans else self._host_plan(inputs)
-        dev = self.stager.stage(_arrays(inputs, plan, graphed))
+        mixed = (not inputs.decode_only and self.mixed_graphs is not None
+                 and inputs.num_tokens <= self.mixed_graphs.sizes[-1])
+        plan = None if graphed or mixed or not self.triton_plans else self._host_plan(inputs)
+        dev = self.stager.stage(_arrays(inputs, plan, graphed or mixed, sampled_rows=mixed))
         feed = (dev["feed_rows"], dev["feed_src"], previous.device) if len(inputs.feed_rows) else None
-        logits = self.graphs.run(inputs, feed) if graphed else None
+        logits = None
+        if graphed:
+            logits = self.graphs.run(inputs, feed)
+        elif mixed:
+            logits = self.mixed_graphs.run(inputs, dev["logits_rows"], feed)
         if logits is None:
             logits = self._eager(inputs, dev, plan, feed)
         return StepLogits(logits, _sampling_batch(inputs.sampling, dev))
@@ -102,7 +118,7 @@ class ModelRunner:
         return self.returns.send(tokens if self.token_sync is None else self.token_sync(tokens))
 
     def _eager(self, inputs: StepInputs, dev: dict, plan, feed) -> torch.Tensor:
-        if "input_ids" not in dev:  # a decode-only step that the graphs could not take: stage the rest now
+        if "input_ids" not in dev:  # a step that the graphs could not take: stage the rest now
             plan = self._host_plan(inputs) if self.triton_plans else None
             dev = {**dev, **self.stager.stage(_arrays(inputs, plan, graphed=False, only_forward=True))}
         input_ids = dev["input_ids"]
@@ -125,13 +141,17 @@ class ModelRunner:
         return host_plan(inputs.work, inputs.num_tokens, args.num_heads, args.num_kv_heads, self.device, split=True)
 
 
-def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False) -> dict[str, np.ndarray]:
-    """The named arrays of a step to stage: sampling and feed always; the forward inputs unless graphed."""
+def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False,
+            sampled_rows: bool = False) -> dict[str, np.ndarray]:
+    """The named arrays of a step to stage: sampling and feed always; the forward inputs unless graphed
+    (a mixed step's graph still takes its sampled rows: `sampled_rows`)."""
     out: dict[str, np.ndarray] = {}
     if not only_forward:
         s = inputs.sampling
         out.update(feed_rows=inputs.feed_rows, feed_src=inputs.feed_src, s_temperature=s.temperature,
                    s_top_p=s.top_p, s_top_k=s.top_k, s_seed=s.seed, s_step=s.step, s_greedy=s.greedy)
+    if sampled_rows:
+        out.update(logits_rows=inputs.logits_rows)
     if not graphed:
         out.update(input_ids=inputs.input_ids, positions=inputs.positions, slots=inputs.slots,
                    logits_rows=inputs.logits_rows)

@@ -28,6 +28,7 @@ request is re-admitted only once its tokens are all known.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -100,8 +101,10 @@ class Scheduler:
     """
 
     def __init__(self, requests: list[RequestSeq], allocator: PageAllocator, page_size: int,
-                 max_batched_tokens: int, max_running: int, decode_reserve: float = 1.0, page_bytes: int = 0):
+                 max_batched_tokens: int, max_running: int, decode_reserve: float = 1.0, page_bytes: int = 0,
+                 step_sizes: tuple[int, ...] = ()):
         self.allocator = allocator
+        self.step_sizes = step_sizes  # token counts a step with prefill chunks should have (`fit_step_size`)
         self.page_bytes = page_bytes  # for error messages only
         self.page_size = page_size
         self.max_batched_tokens = max_batched_tokens
@@ -126,7 +129,8 @@ class Scheduler:
         prefills, budget = self._continue_prefills(budget)
         new, failed = self._admit(budget)
         decodes.sort(key=_rank)
-        return StepBatch(decodes, sorted(prefills + new, key=_row_key), self.table, failed)
+        prefills = fit_step_size(sorted(prefills + new, key=_row_key), len(decodes), self.step_sizes)
+        return StepBatch(decodes, prefills, self.table, failed)
 
     def commit(self, batch: StepBatch) -> None:
         """Record that the batch runs: its tokens' KV will be in the pool."""
@@ -309,6 +313,36 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         self.allocator.free(seq.pages)
         seq.pages = []
+
+
+def fit_step_size(prefills: list[Chunk], num_decodes: int, sizes: tuple[int, ...]) -> list[Chunk]:
+    """The step's prefill chunks, the last ones shortened so that the step has one of `sizes` tokens.
+
+    A step of up to sizes[-1] tokens replays a CUDA graph of the next size up (mixed_graphs.py), its extra
+    rows padding.  Cutting the last chunks instead moves those tokens to the next step: the same work,
+    none wasted.  Each chunk keeps at least one token (every chunk scheduled still runs, so what the
+    scheduler decided about admission and order stands).  Where no size between the decodes and the step's
+    tokens can be reached that way, the chunks stay as they are (the step is padded).
+    """
+    total = num_decodes + sum(c.length for c in prefills)
+    if not prefills or not sizes or total > sizes[-1]:
+        return prefills
+    i = bisect.bisect_right(sizes, total) - 1
+    if i < 0 or sizes[i] == total:
+        return prefills
+    excess = total - sizes[i]
+    if excess > sum(c.length - 1 for c in prefills):
+        return prefills
+    fitted = list(prefills)
+    for j in range(len(fitted) - 1, -1, -1):
+        chunk = fitted[j]
+        cut = min(excess, chunk.length - 1)
+        if cut:
+            fitted[j] = Chunk(chunk.seq, chunk.start, chunk.length - cut)
+            excess -= cut
+        if not excess:
+            break
+    return fitted
 
 
 def _decodes(seq: Sequence) -> bool:
