@@ -78,9 +78,9 @@ class ModelRunner:
             self.graphs = make_decode_graphs(model, self.k_cache, self.v_cache, self.scratch_page, max_num_seqs,
                                              attention_backend)
         if self.graphs is not None and graph_max_tokens >= 64:
-            from .mixed_graphs import MixedGraphs
-            self.mixed_graphs = MixedGraphs(model, self.k_cache, self.v_cache, self.scratch_page, graph_max_tokens,
-                                            attention_backend)
+            from . import mixed_graphs
+            self.mixed_graphs = mixed_graphs.MixedGraphs(model, self.k_cache, self.v_cache, self.scratch_page,
+                                                         graph_max_tokens, attention_backend)
         # token counts at which a step with prefill chunks replays a graph: the scheduler aims for them
         self.step_sizes: tuple[int, ...] = self.mixed_graphs.sizes if self.mixed_graphs is not None else ()
 
