@@ -76,6 +76,7 @@ class Run:
     tokens_digest: str
     gpu_busy_share: float | None = None
     agreement_with_full: dict | None = None
+    graph_captures: int = 0  # CUDA graphs captured during the timed run (a new shape or a larger plan)
 
 
 def params_of(reqs) -> list[SamplingParams]:
@@ -85,6 +86,7 @@ def params_of(reqs) -> list[SamplingParams]:
 def time_engine(engine: Engine, reqs, shape: ModelShape, ceilings: tuple[float, float], workload: str,
                 scale: float, variant: str) -> tuple[Run, list[list[int]]]:
     synchronize()
+    captures = _graph_captures(engine)
     start = time.perf_counter()
     outs = engine.generate([r.prompt_token_ids for r in reqs], params_of(reqs))
     synchronize()
@@ -97,7 +99,12 @@ def time_engine(engine: Engine, reqs, shape: ModelShape, ceilings: tuple[float, 
               1e3 * s.host_seconds / max(s.steps, 1), s.wait_seconds / s.seconds, s.computed_prompt_tokens,
               s.preemptions, s.recomputed_tokens, s.kv_pages,
               all(len(t) == r.max_tokens for t, r in zip(tokens, reqs)), _digest(tokens))
+    run.graph_captures = _graph_captures(engine) - captures
     return run, tokens
+
+
+def _graph_captures(engine: Engine) -> int:
+    return sum(g.captures for g in (engine.runner.graphs, engine.runner.mixed_graphs) if g is not None)
 
 
 def gpu_busy_seconds(engine: Engine, reqs) -> float:
@@ -151,7 +158,9 @@ def run_ablations(path: Path, args, shape: ModelShape, ceilings, base_options: d
     runs = []
     for name in args.ablations:
         scale = args.torch_attention_scale if name == "torch-attention" else args.ablation_scale
-        engine = Engine(path, **{**base_options, **ABLATIONS[name]})
+        # the full engine's KV pool: built while the full engine holds its own, it would get only the rest
+        pool = {"kv_cache_bytes": full_engine.kv_cache_bytes}
+        engine = Engine(path, **{**pool, **base_options, **ABLATIONS[name]})
         warm_up(engine, shape.vocab)
         for workload in workloads:
             reqs = make_workload(workload, shape.vocab, scale)
@@ -210,6 +219,7 @@ def _print(run: Run) -> None:
     print(f"{run.variant:16s} {run.workload:20s} x{run.scale:<5g} {run.seconds:7.2f} s  {run.share_of_bound:6.1%} of "
           f"bound  {run.output_tokens_per_s:8.0f} tok/s  {run.steps:4d} steps  {run.mean_tokens_per_step:6.0f} tok/step  "
           f"host {run.host_ms_per_step:5.2f} ms/step  wait {run.wait_share:4.0%}{busy}{agree}"
+          f"{f'  {run.graph_captures} captures' if run.graph_captures else ''}"
           f"{'' if run.complete else '  INCOMPLETE'}", flush=True)
 
 

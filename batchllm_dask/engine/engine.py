@@ -195,6 +195,11 @@ class Engine:
         tokens = int(4e13 // (2 * linear))
         return min(16384, max(4096, 1 << (tokens.bit_length() - 1)))
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV pool's size in bytes (what `kv_cache_bytes=` gives another engine to have the same pool)."""
+        return self.num_kv_pages * self._page_bytes()
+
     def _page_bytes(self) -> int:
         a = self.args
         return kv_bytes_per_page(self.config.page_size, a.num_layers, a.num_kv_heads, a.head_dim,

@@ -19,9 +19,11 @@ are captured when first needed.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ..kernels.attention_plan import PROGRAMS_PER_SM, FixedPlanLayout, tile_sizes
+from ..kernels.attention_plan import PROGRAMS_PER_SM, FixedPlanLayout, HostPlan, tile_sizes
 from ..kernels.prefix_attention import _num_sms
 from .batch import ForwardBatch
 from .cuda_graphs import Capture, StepGraphs, _Capacity, bucket_for, grown_capacity
@@ -58,8 +60,9 @@ class MixedGraphs(StepGraphs):
 
     def __init__(self, model: CausalLM, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_page: int,
                  max_tokens: int, attention_backend: str = "auto", capture: Capture | None = None,
-                 sizes: tuple[int, ...] | None = None):
+                 sizes: tuple[int, ...] | None = None, max_decodes: int = 512):
         sizes = sizes or mixed_bucket_sizes(max_tokens)  # (tests give small sizes of their own)
+        self.max_decodes = max_decodes  # the engine's max_num_seqs: decode rows a step can have
         layout = mixed_plan_layout(sizes[-1], model.args.num_kv_heads, k_cache.device)
         # a prefix's pages are listed once per run of rows below it: decodes, then prefill chunks
         super().__init__(model, k_cache, v_cache, scratch_page, sizes, layout, 2 * k_cache.shape[1] + 64,
@@ -81,17 +84,25 @@ class MixedGraphs(StepGraphs):
         hidden = self._replay(inputs, size, plan, feed)
         return self.model.compute_logits(hidden.index_select(0, logits_rows))
 
+    def _plan(self, inputs: StepInputs, size: int) -> HostPlan | None:
+        """The split plan, always run by the causal kernel: a plan without causal chunks (decodes beside
+        one-token chunks) sees every key it would see without the mask, so it shares the causal graph."""
+        plan = super()._plan(inputs, size)
+        return plan if plan is None or plan.has_causal else replace(plan, has_causal=True)
+
     def capture_all(self) -> None:
-        """Capture every bucket's graph for the tile classes of a usual mixed step (128-row big tiles, causal
-        chunks), with capacities that such a step of that size usually needs (a larger plan grows it later)."""
+        """Capture every bucket's graph now, with the capacities that steps of its size need (measured on the
+        standard workloads at llama-1b's heads and 132 SMs: decodes' small tiles under twice the decode rows,
+        big tiles under an eighth of the tokens, partials under four per token); 64-row big tiles (a step
+        whose items are all short) for the small buckets only.  A plan that needs more grows its graph."""
         group = self.num_heads // self.num_kv_heads
-        variant = (*tile_sizes(group, 128, 128), True)
-        spread = 2 * PROGRAMS_PER_SM * _num_sms(self.device) // self.num_kv_heads
         for size in self.sizes:
-            small = grown_capacity(size + 2 * spread, 0, 1, self.layout.max_tiles)
-            big = grown_capacity(size // 8 + spread, 0, 1, self.layout.max_tiles)
-            parts = grown_capacity(4 * size + 2 * spread, 0, 1, self.layout.max_parts)
-            self._graph_for(size, _Capacity(variant, small + big, parts, big))
+            small = grown_capacity(2 * min(size, self.max_decodes) + 64, 0, 1, self.layout.max_tiles)
+            big = grown_capacity(size // 8 + 64, 0, 1, self.layout.max_tiles)
+            parts = grown_capacity(4 * size + 256, 0, 1, self.layout.max_parts)
+            for big_m in (128, 64) if size <= 256 else (128,):
+                variant = (*tile_sizes(group, big_m, big_m), True)
+                self._graph_for(size, _Capacity(variant, small + big, parts, big))
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         """The final-normed hidden state of every row (the norm is per row: the sampled ones are picked after)."""

@@ -80,7 +80,8 @@ class ModelRunner:
         if self.graphs is not None and graph_max_tokens >= 64:
             from . import mixed_graphs
             self.mixed_graphs = mixed_graphs.MixedGraphs(model, self.k_cache, self.v_cache, self.scratch_page,
-                                                         graph_max_tokens, attention_backend)
+                                                         graph_max_tokens, attention_backend,
+                                                         max_decodes=max_num_seqs)
         # token counts at which a step with prefill chunks replays a graph: the scheduler aims for them
         self.step_sizes: tuple[int, ...] = self.mixed_graphs.sizes if self.mixed_graphs is not None else ()
 
