@@ -1,143 +1,166 @@
-"""Decode attention on engine-like steps, tile configs swept (eager and fixed-grid), and a GEMM efficiency table.
+"""Decode attention on engine-like steps, the fused kernel's launch settings swept, as CUDA graphs run it.
 
-Run on a GPU: python benchmarks/decode_attention_sweep.py  (writes attn_sweep.json under $OUT).
+Each step is a decode step of a standard workload (shared prefixes over groups of rows, ragged suffixes), at
+the llama-1b (head_dim 64) and llama-8b (head_dim 128) head shapes, 32 query and 8 KV heads, bf16, page 16.
+It is planned and launched as a decode graph does (fixed-grid plan, capacities as `capture_all` gives) and
+timed with triton's do_bench; the figure is the step's unique KV bytes over the measured copy bandwidth,
+against the time (100% = the copy floor).  Every variant's output is checked against the torch reference.
+
+Settings swept, one at a time from the engine's (prefix_attention.SMALL_TILE, BIG_TILES[64],
+attention_plan.PROGRAMS_PER_SM), then a few combinations:
+
+    python benchmarks/decode_attention_sweep.py [--shapes 1b,8b] [--variants base,pps32,...]
+
+Writes decode_attention_sweep.json under $OUT.
 """
-import json, os, time
+import argparse
+import json
+import os
+import time
+
 import numpy as np
 import torch
 from triton.testing import do_bench
-from batchllm_dask.kernels import attention_plan as ap, prefix_attention as pa
+
+from batchllm_dask.kernels import attention_plan as ap
+from batchllm_dask.kernels import prefix_attention as pa
 from batchllm_dask.kernels.reference import AttentionWork, paged_attention_reference
 
 OUT = os.environ.get("OUT", ".")
-HQ, HKV, D, PAGE = 32, 8, 128, 16
+HQ, HKV, PAGE = 32, 8, 16
 DT = torch.bfloat16
-rng = np.random.default_rng(0)
+SHAPES = {"1b": 64, "8b": 128}  # head_dim
 
-def bw():
-    src = torch.randn(1 << 28, device="cuda"); dst = torch.empty_like(src)
+BASE = dict(small=pa.SMALL_TILE, big64=pa.BIG_TILES[64], pps=ap.PROGRAMS_PER_SM)
+T = pa.TileConfig
+VARIANTS = {
+    "base": {},
+    "small-st3": dict(small=T(64, 2, 3)), "small-st4": dict(small=T(64, 2, 4)),
+    "small-w4": dict(small=T(64, 4, 2)), "small-w1": dict(small=T(64, 1, 2)),
+    "small-n32": dict(small=T(32, 2, 2)), "small-n32-st4": dict(small=T(32, 2, 4)),
+    "small-n128": dict(small=T(128, 2, 2)), "small-n128-w4": dict(small=T(128, 4, 2)),
+    "big-st3": dict(big64=T(64, 4, 3)), "big-w2": dict(big64=T(64, 2, 2)), "big-n128": dict(big64=T(128, 4, 2)),
+    "pps4": dict(pps=4), "pps8": dict(pps=8), "pps32": dict(pps=32), "pps64": dict(pps=64),
+    "pps32-st3": dict(pps=32, small=T(64, 2, 3)), "pps32-n32": dict(pps=32, small=T(32, 2, 2)),
+}
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
-def build(levels, suffixes):
-    """levels: list of lists of (first_row, n_rows, kv_len) shared items; suffixes: per-row kv lens."""
-    items = []  # (q_start, q_len, kv_len, causal, pages)
-    npages = 0
-    for lvl in levels:
-        for (r0, n, kv) in lvl:
-            p = -(-kv // PAGE); items.append([r0, n, kv, 0, p]); npages += p
-    for r, kv in enumerate(suffixes):
-        p = -(-kv // PAGE); items.append([r, 1, kv, 1, p]); npages += p
-    perm = torch.randperm(npages + 8, device="cuda").int()
-    pages, off = [], 0
-    for it in items:
-        pages.append(perm[off:off + it[4]].tolist()); off += it[4]
-    k = torch.randn(npages + 8, PAGE, HKV, D, device="cuda", dtype=DT); v = torch.randn_like(k)
-    rows = len(suffixes)
-    q = torch.randn(rows, HQ, D, device="cuda", dtype=DT)
-    work = AttentionWork.from_lists([i[0] for i in items], [i[1] for i in items], [i[2] for i in items],
-                                    [i[3] for i in items], pages, device="cuda")
-    unique = sum(i[2] for i in items) * HKV * D * 2 * 2 + 2 * q.nbytes
-    return q, k, v, work, unique
 
-def step(name):
-    if name == "long-output":  # 8 groups x 16, prefix 1024, suffix 128..640
-        suf = rng.integers(128, 641, 128).tolist()
-        return [[(g * 16, 16, 1024) for g in range(8)]], suf
-    if name == "shared-instr":  # 16 groups x 32, prefix 2048, suffix 64..320
-        suf = rng.integers(64, 321, 512).tolist()
-        return [[(g * 32, 32, 2048) for g in range(16)]], suf
-    if name == "doc-qa":  # one 512 system over 256 rows, 64 docs 1024..2048 x 4 rows, suffix 32..192
+def step_items(name: str, rng: np.random.Generator):
+    """(shared levels: lists of (first row, rows, kv_len)), per-row suffix kv lens) of a workload's decode step."""
+    if name == "long-output":  # 8 groups x 16 rows over 1024, suffixes 128..640
+        return [[(g * 16, 16, 1024) for g in range(8)]], rng.integers(128, 641, 128).tolist()
+    if name == "shared-instr":  # 16 groups x 32 over 2048, suffixes 64..320
+        return [[(g * 32, 32, 2048) for g in range(16)]], rng.integers(64, 321, 512).tolist()
+    if name == "doc-qa":  # a 512 system over 256 rows, 64 docs of 1024..2048 x 4 rows, suffixes 32..192
         docs = rng.integers(1024, 2049, 64).tolist()
         return [[(0, 256, 512)], [(d * 4, 4, docs[d]) for d in range(64)]], rng.integers(32, 193, 256).tolist()
-    if name == "no-sharing":  # 256 requests, own 256..1152
+    if name == "no-sharing":  # 256 requests of 256..1152
         return [], rng.integers(256, 1153, 256).tolist()
-    if name == "no-sharing-64":
-        return [], rng.integers(256, 1153, 64).tolist()
     raise KeyError(name)
 
-VARIANTS = {  # name: (small block_n, big block_n, num_warps, num_stages, programs per SM)
-    "base": (64, 64, 4, 2, 16), "st3": (64, 64, 4, 3, 16), "st4": (64, 64, 4, 4, 16),
-    "sn32": (32, 64, 4, 2, 16), "sn128": (128, 64, 4, 2, 16), "sn128w8": (128, 64, 8, 2, 16),
-    "w2": (64, 64, 2, 2, 16), "w8": (64, 64, 8, 2, 16), "pps8": (64, 64, 4, 2, 8), "pps32": (64, 64, 4, 2, 32),
-    "pps4": (64, 64, 4, 2, 4), "sn32st4": (32, 64, 4, 4, 16), "sn128st3": (128, 64, 4, 3, 16),
-}
 
-def set_variant(v):
-    sn, bn, w, st, pps = v
-    pa._BLOCK_N, pa._BIG_BLOCK_N, pa._NUM_STAGES, ap.PROGRAMS_PER_SM = sn, bn, st, pps
-    pa._tile_launch.__defaults__ = (bn, w, st)
+def build(name: str, head_dim: int):
+    rng = np.random.default_rng(0)
+    levels, suffixes = step_items(name, rng)
+    items = [(r0, n, kv, 0) for level in levels for (r0, n, kv) in level]
+    items += [(r, 1, kv, 1) for r, kv in enumerate(suffixes)]
+    counts = [-(-kv // PAGE) for _, _, kv, _ in items]
+    perm = torch.randperm(sum(counts) + 8).tolist()
+    pages, at = [], 0
+    for c in counts:
+        pages.append(perm[at:at + c])
+        at += c
+    k = torch.randn(sum(counts) + 8, PAGE, HKV, head_dim, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+    q = torch.randn(len(suffixes), HQ, head_dim, device="cuda", dtype=DT)
+    work = AttentionWork.from_lists(*map(list, zip(*items)), pages, device="cuda")
+    unique = sum(kv for _, _, kv, _ in items) * HKV * head_dim * 2 * 2 + 2 * q.nbytes
+    return q, k, v, work, unique
 
-def fixed(work, q):
-    """Bind a fixed-grid plan as a CUDA graph's launch would see it (capacities as capture_all gives)."""
-    rows = q.shape[0]
-    layout = pa.fixed_plan_layout(max(rows, 512), HKV, q.device)
-    plan = pa.host_plan(work, rows, HQ, HKV, q.device)
-    flat = np.zeros(layout.size, np.int32); layout.write(flat, plan)
-    dev = torch.from_numpy(flat).cuda()
-    spread = 2 * ap.PROGRAMS_PER_SM * pa._num_sms(q.device) // HKV
-    tiles = max(plan.num_tiles, rows + spread); parts = max(plan.num_parts, 2 * (rows + spread))
-    tiles = min(tiles, layout.max_tiles); parts = min(parts, layout.max_parts)
-    w2 = AttentionWork(work.q_start, work.q_len, work.kv_len, work.causal, work.page_start, work.page_ids,
-                       work.num_items, work.max_q_len, work.max_kv_len)
-    pa.bind_plan(w2, layout.device_plan(dev, plan.variant, tiles, rows, parts))
-    return w2, plan
 
-def sweep(b):
-    res = {}
-    for name in ["long-output", "shared-instr", "doc-qa", "no-sharing", "no-sharing-64"]:
-        levels, suf = step(name)
-        q, k, v, work, unique = build(levels, suf)
-        floor = unique / b * 1e3
-        ref = paged_attention_reference(q.float(), k.float(), v.float(), work, D ** -0.5)
-        out = torch.empty_like(q)
-        line = {}
-        for vn, var in VARIANTS.items():
-            set_variant(var); pa._plan_cache.clear()
-            try:
-                pa.fused_paged_attention(q, k, v, work, D ** -0.5, out=out)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = do_bench(lambda: pa.fused_paged_attention(q, k, v, work, D ** -0.5, out=out), return_mode="median")
-                wf, plan = fixed(work, q)
-                pa.fused_paged_attention(q, k, v, wf, D ** -0.5, out=out)
-                errf = ((out.float() - ref).norm() / ref.norm()).item()
-                msf = do_bench(lambda: pa.fused_paged_attention(q, k, v, wf, D ** -0.5, out=out), return_mode="median")
-                line[vn] = dict(eager_ms=ms, fixed_ms=msf, err=max(err, errf), tiles=plan.num_tiles,
-                                split=plan.split_len, merge_rows=plan.num_merge_rows)
-            except Exception as e:
-                line[vn] = dict(error=repr(e)[:200])
-        set_variant(VARIANTS["base"])
-        res[name] = dict(floor_ms=floor, unique_mb=unique / 1e6, rows=len(suf), variants=line)
-        print(f"== {name}: rows {len(suf)} floor {floor:.4f} ms ({unique/1e6:.0f} MB)", flush=True)
-        for vn, r in line.items():
-            if "error" in r:
-                print(f"   {vn:10s} ERROR {r['error']}"); continue
-            print(f"   {vn:10s} eager {r['eager_ms']:.4f} ({floor/r['eager_ms']:.0%})  fixed {r['fixed_ms']:.4f} "
-                  f"({floor/r['fixed_ms']:.0%})  err {r['err']:.1e} tiles {r['tiles']} split {r['split']}", flush=True)
-        del q, k, v, work; torch.cuda.empty_cache()
-    return res
+def set_variant(overrides: dict) -> None:
+    chosen = {**BASE, **overrides}
+    pa.SMALL_TILE = chosen["small"]
+    pa.BIG_TILES[64] = chosen["big64"]
+    ap.PROGRAMS_PER_SM = chosen["pps"]
 
-def gemms():
-    shapes = {"8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
-              "1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)]}
-    res = {}
-    for model, ws in shapes.items():
-        for m in [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]:
-            tot_ms, flops, byt = 0.0, 0, 0
-            for (kk, n) in ws:
-                a = torch.randn(m, kk, device="cuda", dtype=DT); w = torch.randn(n, kk, device="cuda", dtype=DT)
-                tot_ms += do_bench(lambda: torch.nn.functional.linear(a, w), return_mode="median")
-                flops += 2 * m * kk * n; byt += 2 * (kk * n + m * kk + m * n)
-            tf = flops / (tot_ms * 1e-3) / 1e12
-            bound = max(flops / 790e12, byt / 4.3e12) * 1e3
-            res[f"{model}/{m}"] = dict(ms=tot_ms, tflops=tf, of_bound=bound / tot_ms)
-            print(f"gemm {model} M={m:6d}: {tot_ms:.3f} ms/layer  {tf:6.0f} TFLOP/s  {bound/tot_ms:.0%} of roofline", flush=True)
-    return res
+
+def graph_like(work: AttentionWork, rows: int, device) -> tuple[AttentionWork, ap.HostPlan]:
+    """`work` bound to a fixed-grid plan with the capacities DecodeGraphs.capture_all gives a bucket."""
+    layout = pa.fixed_plan_layout(512, HKV, device)
+    plan = pa.host_plan(work, rows, HQ, HKV, device)
+    flat = np.zeros(layout.size, np.int32)
+    layout.write(flat, plan)
+    spread = 2 * ap.PROGRAMS_PER_SM * pa._num_sms(device) // HKV
+    cap = lambda need, floor, top: min(max(1 << max(need - 1, 0).bit_length(), floor), top)  # noqa: E731
+    small = cap(max(plan.num_tiles - plan.num_big, rows + 2 * spread), 64, layout.max_tiles)
+    big = cap(max(plan.num_big, spread), 64, layout.max_tiles)
+    parts = cap(max(plan.num_parts, 2 * (rows + spread)), 64, layout.max_parts)
+    bound = AttentionWork(work.q_start, work.q_len, work.kv_len, work.causal, work.page_start, work.page_ids,
+                          work.num_items, work.max_q_len, work.max_kv_len)
+    pa.bind_plan(bound, layout.device_plan(torch.from_numpy(flat).cuda(), plan.variant, small, rows, parts, big))
+    return bound, plan
+
+
+def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
+    results = {}
+    for shape in shapes:
+        head_dim = SHAPES[shape]
+        for name in ("long-output", "shared-instr", "doc-qa", "no-sharing"):
+            q, k, v, work, unique = build(name, head_dim)
+            floor_ms = unique / bandwidth * 1e3
+            ref = paged_attention_reference(q.float(), k.float(), v.float(), work, head_dim ** -0.5)
+            out = torch.empty_like(q)
+            line = {}
+            for vn in variants:
+                set_variant(VARIANTS[vn])
+                pa._plan_cache.clear()
+                try:
+                    bound, plan = graph_like(work, q.shape[0], q.device)
+                    pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out)
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    ms = do_bench(lambda: pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out),
+                                  warmup=20, rep=100, return_mode="median")
+                    line[vn] = dict(ms=ms, of_floor=floor_ms / ms, err=err, tiles=plan.num_tiles,
+                                    big=plan.num_big, split=plan.split_len)
+                except Exception as exc:  # a variant that does not compile (shared memory) is reported
+                    line[vn] = dict(error=repr(exc)[:160])
+            set_variant({})
+            key = f"{shape}/{name}"
+            results[key] = dict(floor_ms=floor_ms, unique_mb=unique / 1e6, rows=q.shape[0], variants=line)
+            print(f"== {key}: {q.shape[0]} rows, floor {floor_ms:.4f} ms ({unique / 1e6:.0f} MB)", flush=True)
+            for vn, r in line.items():
+                if "error" in r:
+                    print(f"   {vn:14s} ERROR {r['error']}", flush=True)
+                else:
+                    print(f"   {vn:14s} {r['ms']:.4f} ms {r['of_floor']:5.0%} of floor  err {r['err']:.1e}  "
+                          f"tiles {r['tiles']} (big {r['big']}) split {r['split']}", flush=True)
+            del q, k, v, work
+            torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1b,8b")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    start = time.time()
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    results = sweep(bandwidth, args.shapes.split(","), args.variants.split(","))
+    out = {"bandwidth": bandwidth, "base": {k: str(v) for k, v in BASE.items()}, "steps": results}
+    with open(os.path.join(OUT, "decode_attention_sweep.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"done in {time.time() - start:.0f} s", flush=True)
+
 
 if __name__ == "__main__":
-    t = time.time()
-    b = bw(); print(f"copy bandwidth {b/1e12:.2f} TB/s", flush=True)
-    out = {"bandwidth": b, "gemm": gemms()}
-    out["attention"] = sweep(b)
-    json.dump(out, open(os.path.join(OUT, "attn_sweep.json"), "w"), indent=1)
-    print(f"done in {time.time()-t:.0f} s")
+    main()

@@ -158,9 +158,7 @@ def run_ablations(path: Path, args, shape: ModelShape, ceilings, base_options: d
     runs = []
     for name in args.ablations:
         scale = args.torch_attention_scale if name == "torch-attention" else args.ablation_scale
-        # the full engine's KV pool: built while the full engine holds its own, it would get only the rest
-        pool = {"kv_cache_bytes": full_engine.kv_cache_bytes}
-        engine = Engine(path, **{**pool, **base_options, **ABLATIONS[name]})
+        engine = _ablation_engine(path, {**base_options, **ABLATIONS[name]}, full_engine.kv_cache_bytes)
         warm_up(engine, shape.vocab)
         for workload in workloads:
             reqs = make_workload(workload, shape.vocab, scale)
@@ -176,6 +174,19 @@ def run_ablations(path: Path, args, shape: ModelShape, ceilings, base_options: d
         del engine
         free_memory()
     return runs
+
+
+def _ablation_engine(path: Path, options: dict, pool_bytes: int) -> Engine:
+    """An engine with the full engine's KV pool (built beside it, it would get only the memory left); where that
+    does not fit, the memory left, said (on a large model, give both less: --option kv_cache_fraction=0.4)."""
+    try:
+        return Engine(path, **{"kv_cache_bytes": pool_bytes, **options})
+    except torch.OutOfMemoryError:
+        free_memory()
+    engine = Engine(path, **options)
+    print(f"note: the full engine's KV pool does not fit beside it: this ablation has {engine.num_kv_pages} pages, "
+          f"{engine.kv_cache_bytes / 2**30:.1f} GiB against {pool_bytes / 2**30:.1f}", flush=True)
+    return engine
 
 
 def run_kv_pool(path: Path, args, shape: ModelShape, ceilings, base_options: dict, workloads: list[str]) -> list[Run]:

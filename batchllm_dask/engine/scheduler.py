@@ -316,31 +316,32 @@ class Scheduler:
 
 
 def fit_step_size(prefills: list[Chunk], num_decodes: int, sizes: tuple[int, ...]) -> list[Chunk]:
-    """The step's prefill chunks, the last ones shortened so that the step has one of `sizes` tokens.
+    """The step's prefill chunks, the last ones shortened where that brings the step to one of `sizes` tokens.
 
     A step of up to sizes[-1] tokens replays a CUDA graph of the next size up (mixed_graphs.py), its extra
-    rows padding.  Cutting the last chunks instead moves those tokens to the next step: the same work,
-    none wasted.  Each chunk keeps at least one token (every chunk scheduled still runs, so what the
-    scheduler decided about admission and order stands).  Where no size between the decodes and the step's
-    tokens can be reached that way, the chunks stay as they are (the step is padded).
+    rows padding.  Cutting the last chunks down to the size below instead moves those tokens to the next
+    step: the same work, none wasted.  It is done only where it costs less than the padding would and
+    keeps most of what could be cut: else a short prompt beside many decodes would trickle in a token a
+    step, cut again at every step.  Each chunk keeps at least one token, so what the scheduler decided
+    about admission and order stands.
     """
     total = num_decodes + sum(c.length for c in prefills)
     if not prefills or not sizes or total > sizes[-1]:
         return prefills
     i = bisect.bisect_right(sizes, total) - 1
-    if i < 0 or sizes[i] == total:
+    if i >= 0 and sizes[i] == total:
         return prefills
-    excess = total - sizes[i]
-    if excess > sum(c.length - 1 for c in prefills):
+    cut, pad = total - sizes[i] if i >= 0 else total, sizes[i + 1] - total
+    if i < 0 or sizes[i] <= num_decodes or cut >= pad or 2 * cut > sum(c.length - 1 for c in prefills):
         return prefills
     fitted = list(prefills)
     for j in range(len(fitted) - 1, -1, -1):
         chunk = fitted[j]
-        cut = min(excess, chunk.length - 1)
-        if cut:
-            fitted[j] = Chunk(chunk.seq, chunk.start, chunk.length - cut)
-            excess -= cut
-        if not excess:
+        take = min(cut, chunk.length - 1)
+        if take:
+            fitted[j] = Chunk(chunk.seq, chunk.start, chunk.length - take)
+            cut -= take
+        if not cut:
             break
     return fitted
 
