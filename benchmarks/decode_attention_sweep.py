@@ -142,7 +142,6 @@ def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
                 else:
                     print(f"   {vn:14s} {r['ms']:.4f} ms {r['of_floor']:5.0%} of floor  err {r['err']:.1e}  "
                           f"tiles {r['tiles']} (big {r['big']}) split {r['split']}", flush=True)
-            del q, k, v, work
             torch.cuda.empty_cache()
     return results
 
