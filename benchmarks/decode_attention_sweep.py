@@ -2,8 +2,8 @@
 
 Each step is a decode step of a standard workload (shared prefixes over groups of rows, ragged suffixes), at
 the llama-1b (head_dim 64) and llama-8b (head_dim 128) head shapes, 32 query and 8 KV heads, bf16, page 16.
-It is planned and launched as a decode graph does (fixed-grid plan, capacities as `capture_all` gives) and
-timed with triton's do_bench; the figure is the step's unique KV bytes over the measured copy bandwidth,
+It is planned and launched as a decode graph does (fixed-grid plan, capacities as `capture_all` gives),
+captured in a CUDA graph and its replay timed with triton's do_bench; the figure is the step's unique KV bytes over the measured copy bandwidth,
 against the time (100% = the copy floor).  Every variant's output is checked against the torch reference.
 
 Settings swept, one at a time from the engine's (prefix_attention.SMALL_TILE, BIG_TILES[64],
@@ -109,6 +109,20 @@ def graph_like(work: AttentionWork, rows: int, device) -> tuple[AttentionWork, a
     return bound, plan
 
 
+def graph_ms(launch) -> float:
+    """Milliseconds of one replay of `launch` captured in a CUDA graph, as the engine's decode steps run it (timed
+    eagerly, the three launches' Python and driver time would hide the kernels of a small step)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launch()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        launch()
+    return do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
+
+
 def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
     results = {}
     for shape in shapes:
@@ -126,8 +140,7 @@ def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
                     bound, plan = graph_like(work, q.shape[0], q.device)
                     pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out)
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    ms = do_bench(lambda: pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out),
-                                  warmup=20, rep=100, return_mode="median")
+                    ms = graph_ms(lambda: pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out))
                     line[vn] = dict(ms=ms, of_floor=floor_ms / ms, err=err, tiles=plan.num_tiles,
                                     big=plan.num_big, split=plan.split_len)
                 except Exception as exc:  # a variant that does not compile (shared memory) is reported
