@@ -124,6 +124,7 @@ TUNE_SHAPES = [(1, 2048, 512), (8, 8192, 128), (32, 2048, 128), (32, 2048, 512),
 def set_variant(name: str) -> None:
     attention_plan.PROGRAMS_PER_SM, attention_plan.BIG_M_MAX, small, big64 = VARIANTS[name]
     prefix_attention.SMALL_TILE, prefix_attention.BIG_TILES[64] = small, big64
+    prefix_attention.SMALL_TILE_CONFIGS = {}  # the variant's small tile for every head_dim
 
 
 def tune(bandwidth: float, out_dir: str) -> None:

@@ -6,8 +6,9 @@ It is planned and launched as a decode graph does (fixed-grid plan, capacities a
 captured in a CUDA graph and its replay timed with triton's do_bench; the figure is the step's unique KV bytes over the measured copy bandwidth,
 against the time (100% = the copy floor).  Every variant's output is checked against the torch reference.
 
-Settings swept, one at a time from the engine's (prefix_attention.SMALL_TILE, BIG_TILES[64],
-attention_plan.PROGRAMS_PER_SM), then a few combinations:
+Settings swept, one at a time from the engine's (prefix_attention.small_tile_config(head_dim), BIG_TILES[64],
+attention_plan.PROGRAMS_PER_SM), then a few combinations (the "small-*" variants set the small tile of both head
+dims):
 
     python benchmarks/decode_attention_sweep.py [--shapes 1b,8b] [--variants base,pps32,...]
 
@@ -85,8 +86,12 @@ def build(name: str, head_dim: int):
     return q, k, v, work, unique
 
 
-def set_variant(overrides: dict) -> None:
-    chosen = {**BASE, **overrides}
+ENGINE_SMALL = dict(pa.SMALL_TILE_CONFIGS)  # the engine's per-head_dim small tiles (the base variant's)
+
+
+def set_variant(overrides: dict, head_dim: int) -> None:
+    chosen = {**BASE, "small": ENGINE_SMALL.get(head_dim, BASE["small"]), **overrides}
+    pa.SMALL_TILE_CONFIGS = {}
     pa.SMALL_TILE = chosen["small"]
     pa.BIG_TILES[64] = chosen["big64"]
     ap.PROGRAMS_PER_SM = chosen["pps"]
@@ -134,7 +139,7 @@ def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
             out = torch.empty_like(q)
             line = {}
             for vn in variants:
-                set_variant(VARIANTS[vn])
+                set_variant(VARIANTS[vn], head_dim)
                 pa._plan_cache.clear()
                 try:
                     bound, plan = graph_like(work, q.shape[0], q.device)
@@ -145,7 +150,7 @@ def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
                                     big=plan.num_big, split=plan.split_len)
                 except Exception as exc:  # a variant that does not compile (shared memory) is reported
                     line[vn] = dict(error=repr(exc)[:160])
-            set_variant({})
+            set_variant({}, head_dim)
             key = f"{shape}/{name}"
             results[key] = dict(floor_ms=floor_ms, unique_mb=unique / 1e6, rows=q.shape[0], variants=line)
             print(f"== {key}: {q.shape[0]} rows, floor {floor_ms:.4f} ms ({unique / 1e6:.0f} MB)", flush=True)

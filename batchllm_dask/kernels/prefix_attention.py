@@ -16,10 +16,11 @@ Prefix tiles (many rows, non-causal), decode suffix tiles (one row), split-K
 pieces of long prefixes and causal prefill chunks (CAUSAL) are two tile classes,
 small (SMALL_M packed rows) and big (BIG_M): two instantiations of one tile
 function, one launch per class with its own launch settings (`TileConfig`).
-A decode suffix tile streams its KV once with little arithmetic: it runs best
-with 2 warps, so that many programs share an SM and keep many loads in flight
-(an H200, 2026-12-02: 70% -> 87% of the copy bandwidth on 256 decodes of
-256-1152 keys).  A big tile needs the warps for its matrix products.  A second,
+A decode suffix tile streams its KV once with little arithmetic: at head_dim 64
+it runs with 2 warps, so that many programs share an SM; at head_dim 128 with 4
+(`small_tile_config`: measured as CUDA graph replays of decode steps on an H200,
+2026-12-03; an eager timing of 2026-12-02 that favoured 2 warps included the
+launches' host time).  A big tile needs the warps for its matrix products.  A second,
 small launch merges the partials of each row exactly by their log-sum-exp.
 
 CUDA graphs (FIXED_GRID): a captured launch cannot change its grid, and the
@@ -62,10 +63,18 @@ class TileConfig:
 
 
 SMALL_TILE = TileConfig(block_n=_BLOCK_N, num_warps=2, num_stages=2)  # decode suffixes
+# Per head_dim overrides of SMALL_TILE.  head_dim 128 (llama-8b's heads), decode steps of the standard workloads
+# replayed as CUDA graphs on an H200 (benchmarks/decode_attention_sweep.py, 2026-12-03): 4 warps reach 52-83% of
+# the copy floor against 49-77% with 2; at head_dim 64 no setting moved it by more than the noise.
+SMALL_TILE_CONFIGS: dict[int, TileConfig] = {128: TileConfig(block_n=_BLOCK_N, num_warps=4, num_stages=2)}
 # Big tiles by their rows: 128 (prefill chunks, big groups of eager plans) and 64 (decode plans' prefix groups).
 BIG_TILES = {128: TileConfig(block_n=64, num_warps=8, num_stages=3), 64: TileConfig(block_n=64, num_warps=4)}
 # Per head_dim overrides of the 128-row config; a benchmark may try others (bench_attention.py --prefill).
 BIG_TILE_CONFIGS: dict[int, TileConfig] = {}
+
+
+def small_tile_config(head_dim: int) -> TileConfig:
+    return SMALL_TILE_CONFIGS.get(head_dim, SMALL_TILE)
 
 
 def big_tile_config(head_dim: int, big_m: int = 128) -> TileConfig:
@@ -348,7 +357,7 @@ def _launch(q, k_cache, v_cache, work, sm_scale, out) -> torch.Tensor:
                      plan.num_big, 2, big)
     if num_small > 0:
         _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, plan, small_tiles, counts,
-                     num_small, 1, SMALL_TILE)
+                     num_small, 1, small_tile_config(head_dim))
     if plan.num_merge_rows:
         _merge_kernel[(plan.num_merge_rows,)](
             out, part_o, part_lse, plan.merge_rows, plan.merge_ptr, plan.merge_parts, counts,
