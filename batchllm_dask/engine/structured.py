@@ -43,6 +43,7 @@ discard.  Prefix sharing is untouched: masks apply to generated tokens only.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,9 @@ class GrammarCompiler:
         self.pin_memory = torch.device(device).type == "cuda"
         self._tokenizer: Any = None
         self._executor: Any = None
+        # consume_token costs ~3 us a row; the thread pool adds ~1 us a row of argument handling and a fixed
+        # wake-up, so it pays only with several cores and many rows (benchmarks/structured_masks_accept.py)
+        self.parallel_accept = _cores() >= PARALLEL_ACCEPT_MIN_CORES
         self._templates: dict[str, Any] = {}
 
     def start(self, params: Mapping[int, SamplingParams]) -> "GrammarMatchers | None":
@@ -98,6 +102,17 @@ class GrammarCompiler:
                 raise ValueError(f"constraint: the grammar does not build for this tokenizer: {matcher.get_error()}")
             self._templates[grammar] = matcher
         return self._templates[grammar]
+
+
+PARALLEL_ACCEPT_MIN_ROWS = 64
+PARALLEL_ACCEPT_MIN_CORES = 4
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
@@ -180,21 +195,29 @@ class GrammarMatchers:
     def accept(self, request_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
         """Advance each constrained request's grammar by its token; the ids whose grammar has ended.
 
-        A token the grammar refuses (one sampled without its mask) ends the grammar too.
+        A token the grammar refuses (one sampled without its mask) ends the grammar too.  The rows that are
+        not pre-accepted consume their tokens through the executor's thread pool (a few us each, in parallel,
+        the GIL released) when there are enough of them and of cores, else one by one.
         """
-        ended = []
+        ended: dict[int, bool] = {}  # request id -> ended, in row order
+        consumed = []  # (request id, matcher, token) for the rows the grammar must advance
         for rid, token in zip(request_ids, tokens):
             if self.constrained(rid):
                 self.tokens_accepted += 1
                 expected = self._pre_accepted.pop(rid, None)
                 if expected is not None:  # consumed by jump_forward; its one-token mask made the device agree
-                    if int(token) != expected:
-                        ended.append(rid)
-                    continue
-                matcher = self._matcher(rid)
-                if not matcher.consume_token(int(token)) or matcher.is_stopped():
-                    ended.append(rid)
-        return ended
+                    ended[rid] = int(token) != expected
+                else:
+                    ended[rid] = False
+                    consumed.append((rid, self._matcher(rid), int(token)))
+        if len(consumed) < PARALLEL_ACCEPT_MIN_ROWS or not self._compiler.parallel_accept:
+            for rid, matcher, token in consumed:
+                ended[rid] = not matcher.consume_token(token) or matcher.is_stopped()
+        else:
+            accepted = self._compiler.executor.consume_token_par([(m, t) for _, m, t in consumed])
+            for (rid, matcher, _), ok in zip(consumed, accepted):
+                ended[rid] = not ok or matcher.is_stopped()
+        return [rid for rid, done in ended.items() if done]
 
     def release(self, request_ids: Sequence[int]) -> None:
         """Drop the matchers of finished requests (their memory; a later call would start them over)."""
