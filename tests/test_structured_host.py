@@ -72,3 +72,64 @@ def test_parallel_accept_ends_the_same_requests_and_leaves_the_same_masks(tokeni
         alive = [rid for rid in alive if rid not in set(ended)]
         steps += 1
     assert steps > 3 and calls and min(calls) >= PARALLEL_ACCEPT_MIN_ROWS  # the parallel path did run
+
+
+# --------------------------------------------------------------------------- forced runs reused by state
+
+REVIEWISH = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+    "sentiment": {"enum": ["positive", "neutral", "negative"]},
+    "tags": {"type": "array", "items": {"enum": ["price", "delay", "quality"]}, "maxItems": 2}},
+    "required": ["name", "rating", "sentiment", "tags"]}
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A small byte-level BPE (merges such as ' "' and '":' make forced runs that tokenization can cut)."""
+    from batchllm_dask.bench.structured import train_tokenizer
+    return train_tokenizer(2048, 2 << 20)
+
+
+def walk_with_jumps(matchers, params: dict[int, SamplingParams], vocab: int, choose, steps: int = 200):
+    """The engine's order (jump_forward, fill_mask, sample, accept), tokens from `choose(step, rid, allowed)`;
+    every run, mask row and ended request, in order."""
+    alive, trace, rng = list(params), [], random.Random(1)
+    for step in range(steps):
+        if not alive:
+            break
+        rows = [(rid, rng.choice([1, 2, 3, 1000]), frozenset({rng.randrange(vocab)})) for rid in alive]
+        runs = matchers.jump_forward(rows)
+        mask = matchers.fill_mask(alive)
+        tokens = [runs[rid][0] if rid in runs else choose(step, rid, allowed(mask[row]))
+                  for row, rid in enumerate(alive)]
+        ended = matchers.accept(alive, tokens)
+        trace.append((sorted(runs.items()), mask.clone(), ended))
+        matchers.release(ended)
+        alive = [rid for rid in alive if rid not in set(ended)]
+    return trace
+
+
+@pytest.mark.parametrize("spread", [1, 3])
+def test_reused_forced_runs_are_those_the_grammar_computes(bpe, spread):
+    """Requests that often reach the same states (they pick among the first `spread` allowed tokens, by step
+    and request), through matchers that reuse forced runs by state and matchers that compute every one."""
+    kinds = [dict(json_schema=SCHEMA), dict(json_schema=REVIEWISH), dict(regex=DATE),
+             dict(choice=["yes-indeed", "no", "not at all"])]
+    params = {rid: SamplingParams(**kinds[rid % 4]) for rid in range(48)}
+
+    def choose(step, rid, options):
+        return options[random.Random(step * 1000 + rid // 4).randrange(min(spread, len(options)))]
+    traces, counts = [], []
+    for reuse in (False, True):
+        compiler = compiler_of(bpe, reuse_forced_runs=reuse)
+        matchers = compiler.start(params)
+        traces.append(walk_with_jumps(matchers, params, len(bpe), choose))
+        counts.append((matchers.forced_runs_computed, matchers.forced_runs_reused, matchers.tokens_jumped))
+    assert len(traces[0]) == len(traces[1])
+    for (runs0, mask0, ended0), (runs1, mask1, ended1) in zip(*traces):
+        assert runs0 == runs1 and ended0 == ended1
+        assert torch.equal(mask0, mask1)
+    (computed0, reused0, jumped0), (computed1, reused1, jumped1) = counts
+    assert reused0 == 0 and reused1 > 0 and computed1 + reused1 == computed0  # the same rows asked
+    assert jumped0 == jumped1 > 0

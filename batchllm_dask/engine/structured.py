@@ -32,6 +32,9 @@ step as one chunk, with no mask and no step of their own.  The first token is th
 `accept` checks the device's sample against it instead of consuming it again.  A run stops before a token
 that would complete the grammar, a stop id, or the room the caller gives (max_tokens, the context, the
 request's pages), so that a request still ends on a sampled token, as without jumps.
+A state's forced tokens (llguidance's `compute_ff_tokens`, 20-50 us, serial: it holds the GIL) are
+computed once per state, a state named by its template and the tokens consumed (`TokenHistories`: equal
+histories, equal states), and reused by every request that reaches it.
 
 Bit j of word w of a row allows token 32 * w + j (llguidance's and xgrammar's layout).
 Unconstrained rows of a mixed step are all ones.  Ids past the tokenizer's vocabulary (a
@@ -68,6 +71,7 @@ class GrammarCompiler:
         # consume_token costs ~3 us a row; the thread pool adds ~1 us a row of argument handling and a fixed
         # wake-up, so it pays only with several cores and many rows (benchmarks/structured_masks_accept.py)
         self.parallel_accept = _cores() >= PARALLEL_ACCEPT_MIN_CORES
+        self.reuse_forced_runs = True  # off: every state's forced tokens computed anew (the reference, in tests)
         self._templates: dict[str, Any] = {}
 
     def start(self, params: Mapping[int, SamplingParams]) -> "GrammarMatchers | None":
@@ -125,6 +129,39 @@ def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[i
     return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
 
 
+class TokenHistories:
+    """Names a matcher's state by a node of a trie: its template, then the tokens it has consumed.
+
+    llguidance is deterministic: two matchers copied from one template that consumed the same tokens are in
+    the same state, so what depends only on the state (its forced tokens) is computed once per node and
+    reused by every request that reaches it (in a classification job, most requests walk the same keys,
+    labels and separators).  A node costs a dict entry; the trie lives as long as one `generate` call.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, int], int] = {}
+        self._roots: dict[int, int] = {}  # id(template matcher) -> node
+
+    def root(self, template: Any) -> int:
+        node = self._roots.get(id(template))
+        if node is None:
+            node = self._roots[id(template)] = self._new()
+        return node
+
+    def walk(self, node: int, tokens: Sequence[int]) -> int:
+        """The node reached from `node` by consuming `tokens`."""
+        children = self._children
+        for token in tokens:
+            child = children.get((node, token))
+            if child is None:
+                child = children[(node, token)] = self._new()
+            node = child
+        return node
+
+    def _new(self) -> int:
+        return len(self._children) + len(self._roots)
+
+
 class GrammarMatchers:
     """The grammar state of one `generate` call: a matcher per constrained request, made on first use.
 
@@ -136,6 +173,9 @@ class GrammarMatchers:
         self._matchers: dict[int, Any] = {}
         self._released: set[int] = set()  # finished: a row of theirs still in flight is unconstrained (discarded)
         self._pre_accepted: dict[int, int] = {}  # request id -> the forced token its step in flight must sample
+        self._histories = TokenHistories()
+        self._nodes: dict[int, int] = {}  # request id -> its matcher's node in _histories
+        self._forced_runs: dict[int, list[int]] = {}  # node -> the state's fast-forward tokens ([]: none)
         self._compiler = compiler
         self._buffers: list[torch.Tensor] = []
         self._next_buffer = 0
@@ -143,6 +183,8 @@ class GrammarMatchers:
         self.masks_computed = 0  # rows whose mask the grammar library computed (bench.structured reports
         self.tokens_accepted = 0  # them per accepted token: 1.0 means a full mask for every constrained token)
         self.tokens_jumped = 0  # forced tokens appended by jump_forward (no mask, no step of their own)
+        self.forced_runs_computed = 0  # states whose forced tokens the grammar library computed (the others
+        self.forced_runs_reused = 0  # reused those of a request that reached the same state first)
 
     def constrained(self, request_id: int) -> bool:
         return request_id in self._templates and request_id not in self._released
@@ -179,15 +221,22 @@ class GrammarMatchers:
             if room <= 0 or not self.constrained(rid):
                 continue
             matcher = self._matcher(rid)
-            if not matcher.compute_ff_bytes():  # about 1 us: most rows are not forced, and the tokens cost 20
-                continue
-            run = _until_stop(matcher.compute_ff_tokens()[:room], stop_ids)
+            node = self._nodes[rid]
+            forced = self._forced_runs.get(node) if self._compiler.reuse_forced_runs else None
+            if forced is None:  # compute_ff_bytes: about 1 us, most rows are not forced; the tokens cost 20-50
+                forced = matcher.compute_ff_tokens() if matcher.compute_ff_bytes() else []
+                self._forced_runs[node] = forced
+                self.forced_runs_computed += 1
+            else:
+                self.forced_runs_reused += 1
+            run = _until_stop(forced[:room], stop_ids)
             taken = matcher.try_consume_tokens(run) if run else 0
             if taken and matcher.is_stopped():  # the grammar's last token stays a sampled one
                 matcher.rollback(1)
                 taken -= 1
             if taken:
                 runs[rid] = run[:taken]
+                self._nodes[rid] = self._histories.walk(node, run[:taken])
                 self._pre_accepted[rid] = run[0]
                 self.tokens_jumped += taken - 1
         return runs
@@ -211,25 +260,30 @@ class GrammarMatchers:
                     ended[rid] = False
                     consumed.append((rid, self._matcher(rid), int(token)))
         if len(consumed) < PARALLEL_ACCEPT_MIN_ROWS or not self._compiler.parallel_accept:
-            for rid, matcher, token in consumed:
-                ended[rid] = not matcher.consume_token(token) or matcher.is_stopped()
+            accepted = [matcher.consume_token(token) for _, matcher, token in consumed]
         else:
             accepted = self._compiler.executor.consume_token_par([(m, t) for _, m, t in consumed])
-            for (rid, matcher, _), ok in zip(consumed, accepted):
-                ended[rid] = not ok or matcher.is_stopped()
+        nodes, walk = self._nodes, self._histories.walk
+        for (rid, matcher, token), ok in zip(consumed, accepted):
+            ended[rid] = not ok or matcher.is_stopped()
+            if ok:
+                nodes[rid] = walk(nodes[rid], (token,))
         return [rid for rid, done in ended.items() if done]
 
     def release(self, request_ids: Sequence[int]) -> None:
         """Drop the matchers of finished requests (their memory; a later call would start them over)."""
         for rid in request_ids:
             self._matchers.pop(rid, None)
+            self._nodes.pop(rid, None)
             self._pre_accepted.pop(rid, None)
             self._released.add(rid)
 
     def _matcher(self, request_id: int) -> Any:
         matcher = self._matchers.get(request_id)
         if matcher is None:
-            matcher = self._matchers[request_id] = self._templates[request_id].deep_copy()
+            template = self._templates[request_id]
+            matcher = self._matchers[request_id] = template.deep_copy()
+            self._nodes[request_id] = self._histories.root(template)
         return matcher
 
     def _buffer(self, rows: int) -> torch.Tensor:
