@@ -4,7 +4,7 @@ N requests of one schema go through `GrammarMatchers` in the engine's order (jum
 accept) over bench.structured's 128256-token BPE; the step's "sample" picks, among the allowed tokens, either
 uniformly (`uniform`: every request wanders its own way, the fewest shared states) or the one of highest
 score, a fixed random score per token plus per-request noise (`preferred`: a model's habits, as a real model's
-greedy choices are).  The same walk twice: `GrammarCompiler.reuse_forced_runs` off (llguidance's
+greedy choices are).  The same walk twice: `GrammarCompiler.reuse_by_state` off (llguidance's
 `compute_ff_tokens` for every forced row) and on (once per state, TokenHistories).  Prints host ms in
 jump_forward (sum over the walk, and per step), the forced-run computations and reuses, and fill_mask and
 accept ms beside them.
@@ -85,7 +85,7 @@ def main() -> None:
         for mode in args.mode:
             for n in args.requests:
                 for reuse in (False, True):
-                    compiler.reuse_forced_runs = reuse
+                    compiler.reuse_by_state = reuse
                     row = walk(compiler, SCHEMAS[schema], n, mode)
                     print(json.dumps({"schema": schema, "mode": mode, "requests": n, "reuse": reuse, **row}),
                           flush=True)

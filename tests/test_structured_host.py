@@ -122,7 +122,7 @@ def test_reused_forced_runs_are_those_the_grammar_computes(bpe, spread):
         return options[random.Random(step * 1000 + rid // 4).randrange(min(spread, len(options)))]
     traces, counts = [], []
     for reuse in (False, True):
-        compiler = compiler_of(bpe, reuse_forced_runs=reuse)
+        compiler = compiler_of(bpe, reuse_by_state=reuse)
         matchers = compiler.start(params)
         traces.append(walk_with_jumps(matchers, params, len(bpe), choose))
         counts.append((matchers.forced_runs_computed, matchers.forced_runs_reused, matchers.tokens_jumped))

@@ -34,7 +34,8 @@ that would complete the grammar, a stop id, or the room the caller gives (max_to
 request's pages), so that a request still ends on a sampled token, as without jumps.
 A state's forced tokens (llguidance's `compute_ff_tokens`, 20-50 us, serial: it holds the GIL) are
 computed once per state, a state named by its template and the tokens consumed (`TokenHistories`: equal
-histories, equal states), and reused by every request that reaches it.
+histories, equal states), and reused by every request that reaches it; so is a mask, among the rows of
+one step.
 
 Bit j of word w of a row allows token 32 * w + j (llguidance's and xgrammar's layout).
 Unconstrained rows of a mixed step are all ones.  Ids past the tokenizer's vocabulary (a
@@ -71,7 +72,7 @@ class GrammarCompiler:
         # consume_token costs ~3 us a row; the thread pool adds ~1 us a row of argument handling and a fixed
         # wake-up, so it pays only with several cores and many rows (benchmarks/structured_masks_accept.py)
         self.parallel_accept = _cores() >= PARALLEL_ACCEPT_MIN_CORES
-        self.reuse_forced_runs = True  # off: every state's forced tokens computed anew (the reference, in tests)
+        self.reuse_by_state = True  # off: every row's mask and forced tokens computed anew (the reference, in tests)
         self._templates: dict[str, Any] = {}
 
     def start(self, params: Mapping[int, SamplingParams]) -> "GrammarMatchers | None":
@@ -133,9 +134,9 @@ class TokenHistories:
     """Names a matcher's state by a node of a trie: its template, then the tokens it has consumed.
 
     llguidance is deterministic: two matchers copied from one template that consumed the same tokens are in
-    the same state, so what depends only on the state (its forced tokens) is computed once per node and
-    reused by every request that reaches it (in a classification job, most requests walk the same keys,
-    labels and separators).  A node costs a dict entry; the trie lives as long as one `generate` call.
+    the same state, so what depends only on the state (its forced tokens, its mask) is computed once per node
+    and reused by every request that reaches it (forced tokens for the whole call, masks within a step; in a
+    classification job, many requests walk the same keys, labels and separators).  A node costs a dict entry; the trie lives as long as one `generate` call.
     """
 
     def __init__(self) -> None:
@@ -199,15 +200,36 @@ class GrammarMatchers:
             return None
         mask = self._buffer(len(request_ids))
         forced = [(row, self._pre_accepted[rid]) for rid, row in constrained if rid in self._pre_accepted]
-        rows = [(self._matcher(rid), row) for rid, row in constrained if rid not in self._pre_accepted]
+        rows, copies = self._distinct_states([(rid, row) for rid, row in constrained if rid not in self._pre_accepted])
         self.masks_computed += len(rows)
         if len(constrained) < len(request_ids):
             mask.fill_(-1)
         if rows:  # llguidance.torch.fill_next_token_bitmask_par without its module, which imports torch.compile
             self._compiler.executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), self.words * 4, mask.shape[0])
+        if copies:  # rows whose state an earlier row of the step has: the same mask
+            source, target = np.array(copies, dtype=np.int64).T
+            words = mask.numpy()
+            words[target] = words[source]
         if forced:
             _one_token_rows(mask, forced)
         return mask
+
+    def _distinct_states(self, pending: list[tuple[int, int]]) -> tuple[list[tuple[Any, int]], list[tuple[int, int]]]:
+        """(matcher, row) for the first row of each state among (request id, row) pairs; (its row, row) for the
+        others (a mask is a function of the state: one per state)."""
+        if not self._compiler.reuse_by_state:
+            return [(self._matcher(rid), row) for rid, row in pending], []
+        rows, copies, first = [], [], {}
+        for rid, row in pending:
+            matcher = self._matcher(rid)
+            node = self._nodes[rid]
+            source = first.get(node)
+            if source is None:
+                first[node] = row
+                rows.append((matcher, row))
+            else:
+                copies.append((source, row))
+        return rows, copies
 
     def jump_forward(self, rows: Sequence[tuple[int, int, frozenset]]) -> dict[int, list[int]]:
         """Consume each request's forced run of tokens; the runs, by request id (see the module docstring).
@@ -222,7 +244,7 @@ class GrammarMatchers:
                 continue
             matcher = self._matcher(rid)
             node = self._nodes[rid]
-            forced = self._forced_runs.get(node) if self._compiler.reuse_forced_runs else None
+            forced = self._forced_runs.get(node) if self._compiler.reuse_by_state else None
             if forced is None:  # compute_ff_bytes: about 1 us, most rows are not forced; the tokens cost 20-50
                 forced = matcher.compute_ff_tokens() if matcher.compute_ff_bytes() else []
                 self._forced_runs[node] = forced
