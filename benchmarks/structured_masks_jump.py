@@ -5,7 +5,7 @@ accept) over bench.structured's 128256-token BPE; the step's "sample" picks, amo
 uniformly (`uniform`: every request wanders its own way, the fewest shared states) or the one of highest
 score, a fixed random score per token plus per-request noise (`preferred`: a model's habits, as a real model's
 greedy choices are).  The same walk twice: `GrammarCompiler.reuse_by_state` off (llguidance's
-`compute_ff_tokens` for every forced row) and on (once per state, TokenHistories).  Prints host ms in
+`compute_ff_tokens` for every forced row, a mask for every row) and on (once per state, TokenHistories).  Prints host ms in
 jump_forward (sum over the walk, and per step), the forced-run computations and reuses, and fill_mask and
 accept ms beside them.
 
@@ -63,7 +63,7 @@ def walk(compiler: GrammarCompiler, schema: dict, requests: int, mode: str, max_
     return {"steps": steps, **{f"{k}_ms": round(1e3 * v, 1) for k, v in seconds.items()},
             "jump_forward_ms_per_step": round(1e3 * seconds["jump_forward"] / steps, 2),
             "states_asked_anew": matchers.forced_runs_computed, "states_reused": matchers.forced_runs_reused,
-            "tokens_jumped": matchers.tokens_jumped}
+            "masks_computed": matchers.masks_computed, "tokens_jumped": matchers.tokens_jumped}
 
 
 def main() -> None:
