@@ -110,10 +110,11 @@ def walk_with_jumps(matchers, params: dict[int, SamplingParams], vocab: int, cho
     return trace
 
 
-@pytest.mark.parametrize("spread", [1, 3])
-def test_reused_forced_runs_are_those_the_grammar_computes(bpe, spread):
+@pytest.mark.parametrize("spread, max_nodes", [(1, None), (3, None), (2, 60)])
+def test_reused_forced_runs_are_those_the_grammar_computes(bpe, spread, max_nodes):
     """Requests that often reach the same states (they pick among the first `spread` allowed tokens, by step
-    and request), through matchers that reuse forced runs by state and matchers that compute every one."""
+    and request), through matchers that reuse forced runs and masks by state (with a history trie that fills
+    up, max_nodes) and matchers that compute every one."""
     kinds = [dict(json_schema=SCHEMA), dict(json_schema=REVIEWISH), dict(regex=DATE),
              dict(choice=["yes-indeed", "no", "not at all"])]
     params = {rid: SamplingParams(**kinds[rid % 4]) for rid in range(48)}
@@ -124,6 +125,8 @@ def test_reused_forced_runs_are_those_the_grammar_computes(bpe, spread):
     for reuse in (False, True):
         compiler = compiler_of(bpe, reuse_by_state=reuse)
         matchers = compiler.start(params)
+        if max_nodes:
+            matchers._histories.max_nodes = max_nodes
         traces.append(walk_with_jumps(matchers, params, len(bpe), choose))
         counts.append((matchers.forced_runs_computed, matchers.forced_runs_reused, matchers.tokens_jumped))
     assert len(traces[0]) == len(traces[1])
@@ -133,3 +136,16 @@ def test_reused_forced_runs_are_those_the_grammar_computes(bpe, spread):
     (computed0, reused0, jumped0), (computed1, reused1, jumped1) = counts
     assert reused0 == 0 and reused1 > 0 and computed1 + reused1 == computed0  # the same rows asked
     assert jumped0 == jumped1 > 0
+
+
+def test_a_full_history_trie_names_new_states_apart():
+    """Past max_nodes a new state gets a node of its own: never one another history reaches."""
+    from batchllm_dask.engine.structured import TokenHistories
+    histories = TokenHistories(max_nodes=3)
+    template = object()
+    root = histories.root(template)
+    a = histories.walk(root, [1, 2, 3])  # three edges: full
+    assert histories.walk(root, [1, 2, 3]) == a and not histories.shared()
+    b, c = histories.walk(root, [1, 2, 4]), histories.walk(root, [1, 2, 4])
+    assert len({a, b, c}) == 3  # the same new history twice: two nodes, as if two states
+    assert histories.walk(root, [1, 2]) == histories.walk(root, [1, 2])

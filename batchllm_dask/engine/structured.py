@@ -136,12 +136,16 @@ class TokenHistories:
     llguidance is deterministic: two matchers copied from one template that consumed the same tokens are in
     the same state, so what depends only on the state (its forced tokens, its mask) is computed once per node
     and reused by every request that reaches it (forced tokens for the whole call, masks within a step; in a
-    classification job, many requests walk the same keys, labels and separators).  A node costs a dict entry; the trie lives as long as one `generate` call.
+    classification job, many requests walk the same keys, labels and separators).  The trie lives as long as
+    one `generate` call and keeps at most `max_nodes` edges (some 150 bytes each); past that, a new state gets
+    a node of its own that no other request can reach (correct, merely never shared).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_nodes: int = 1 << 18) -> None:
+        self.max_nodes = max_nodes
         self._children: dict[tuple[int, int], int] = {}
         self._roots: dict[int, int] = {}  # id(template matcher) -> node
+        self._count = 0
 
     def root(self, template: Any) -> int:
         node = self._roots.get(id(template))
@@ -155,12 +159,19 @@ class TokenHistories:
         for token in tokens:
             child = children.get((node, token))
             if child is None:
-                child = children[(node, token)] = self._new()
+                child = self._new()
+                if len(children) < self.max_nodes:
+                    children[(node, token)] = child
             node = child
         return node
 
+    def shared(self) -> bool:
+        """Whether new nodes are still recorded (what is stored per node should stop when they are not)."""
+        return len(self._children) < self.max_nodes
+
     def _new(self) -> int:
-        return len(self._children) + len(self._roots)
+        self._count += 1
+        return self._count - 1
 
 
 class GrammarMatchers:
@@ -247,7 +258,8 @@ class GrammarMatchers:
             forced = self._forced_runs.get(node) if self._compiler.reuse_by_state else None
             if forced is None:  # compute_ff_bytes: about 1 us, most rows are not forced; the tokens cost 20-50
                 forced = matcher.compute_ff_tokens() if matcher.compute_ff_bytes() else []
-                self._forced_runs[node] = forced
+                if self._histories.shared():
+                    self._forced_runs[node] = forced
                 self.forced_runs_computed += 1
             else:
                 self.forced_runs_reused += 1
