@@ -45,6 +45,17 @@ def template(lltok, schema: dict):
     return llguidance.LLMatcher(lltok, grammar, log_level=0)
 
 
+def load_tokenizer(path: str | None, corpus_mb: int = 48):
+    """llguidance's tokenizer of a Hugging Face tokenizer folder, or of bench.structured's trained BPE."""
+    import llguidance.hf
+    if path:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        tokenizer = train_tokenizer(VOCAB, corpus_mb << 20)
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=VOCAB, eos_token=[tokenizer.eos_token_id])
+
+
 def allowed_tokens(row: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
 

@@ -16,6 +16,10 @@ configs = {
   "default": None,
   "bands": [r'[\x20\x0A\x0D\x09]+'] + [CH + "{1,%d}" % n for n in (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 30)] + [CH + "+"],
   "bands_pow2": [r'[\x20\x0A\x0D\x09]+'] + [CH + "{1,%d}" % n for n in (1, 2, 4, 8, 16, 32)] + [CH + "+"],
+  # up to the longest tokens (84 string characters in the trained BPE): the ones longer than the largest band
+  # a bounded string's state subsumes are walked token by token, and over 30 characters there are 2,182
+  "bands_long": [r'[\x20\x0A\x0D\x09]+'] + [CH + "{1,%d}" % n for n in (2, 4, 6, 8, 10, 12, 16, 20, 24, 30, 40, 48, 64, 96)]
+  + [CH + "+"],
 }
 toks = {}
 for name, sl in configs.items():

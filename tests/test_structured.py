@@ -238,15 +238,19 @@ def test_masks_rows_and_padded_vocabulary(tokenizer):
 
 def test_mask_counters_count_constrained_rows_only(tokenizer):
     """masks_computed grows by the constrained rows of each fill_mask, tokens_accepted by those of each accept
-    (bench.structured reports their ratio: masks computed per generated token)."""
-    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    (bench.structured reports their ratio: masks computed per generated token); rows in one state share one
+    mask unless GrammarCompiler.reuse_by_state is off."""
     params = {rid: SamplingParams(**({"regex": "[a-z]+"} if rid % 2 else {})) for rid in range(6)}
-    matchers = compiler.start(params)
-    for step in range(3):
-        matchers.fill_mask(list(params))
-        matchers.accept(list(params), [ord("a")] * len(params))
     constrained = sum(1 for p in params.values() if p.constraint is not None)
-    assert matchers.masks_computed == matchers.tokens_accepted == 3 * constrained
+    for reuse, masks_a_step in ((False, constrained), (True, 1)):  # the same tokens: one state a step
+        compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+        compiler.reuse_by_state = reuse
+        matchers = compiler.start(params)
+        for step in range(3):
+            matchers.fill_mask(list(params))
+            matchers.accept(list(params), [ord("a")] * len(params))
+        assert matchers.tokens_accepted == 3 * constrained
+        assert matchers.masks_computed == 3 * masks_a_step
 
 # --------------------------------------------------------------------------- typed columns
 

@@ -32,6 +32,10 @@ step as one chunk, with no mask and no step of their own.  The first token is th
 `accept` checks the device's sample against it instead of consuming it again.  A run stops before a token
 that would complete the grammar, a stop id, or the room the caller gives (max_tokens, the context, the
 request's pages), so that a request still ends on a sampled token, as without jumps.
+A state's forced tokens (llguidance's `compute_ff_tokens`, 20-50 us, serial: it holds the GIL) are
+computed once per state, a state named by its template and the tokens consumed (`TokenHistories`: equal
+histories, equal states), and reused by every request that reaches it; so is a mask, among the rows of
+one step.
 
 Bit j of word w of a row allows token 32 * w + j (llguidance's and xgrammar's layout).
 Unconstrained rows of a mixed step are all ones.  Ids past the tokenizer's vocabulary (a
@@ -43,6 +47,7 @@ discard.  Prefix sharing is untouched: masks apply to generated tokens only.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +69,10 @@ class GrammarCompiler:
         self.pin_memory = torch.device(device).type == "cuda"
         self._tokenizer: Any = None
         self._executor: Any = None
+        # consume_token costs ~3 us a row; the thread pool adds ~1 us a row of argument handling and a fixed
+        # wake-up, so it pays only with several cores and many rows (benchmarks/structured_masks_accept.py)
+        self.parallel_accept = _cores() >= PARALLEL_ACCEPT_MIN_CORES
+        self.reuse_by_state = True  # off: every row's mask and forced tokens computed anew (the reference, in tests)
         self._templates: dict[str, Any] = {}
 
     def start(self, params: Mapping[int, SamplingParams]) -> "GrammarMatchers | None":
@@ -100,6 +109,17 @@ class GrammarCompiler:
         return self._templates[grammar]
 
 
+PARALLEL_ACCEPT_MIN_ROWS = 64
+PARALLEL_ACCEPT_MIN_CORES = 4
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
     from transformers import PreTrainedTokenizerFast
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
@@ -108,6 +128,50 @@ def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[i
     import llguidance.hf
     eos = eos_token_ids or [tokenizer.eos_token_id]
     return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+
+
+class TokenHistories:
+    """Names a matcher's state by a node of a trie: its template, then the tokens it has consumed.
+
+    llguidance is deterministic: two matchers copied from one template that consumed the same tokens are in
+    the same state, so what depends only on the state (its forced tokens, its mask) is computed once per node
+    and reused by every request that reaches it (forced tokens for the whole call, masks within a step; in a
+    classification job, many requests walk the same keys, labels and separators).  The trie lives as long as
+    one `generate` call and keeps at most `max_nodes` edges (some 150 bytes each); past that, a new state gets
+    a node of its own that no other request can reach (correct, merely never shared).
+    """
+
+    def __init__(self, max_nodes: int = 1 << 18) -> None:
+        self.max_nodes = max_nodes
+        self._children: dict[tuple[int, int], int] = {}
+        self._roots: dict[int, int] = {}  # id(template matcher) -> node
+        self._count = 0
+
+    def root(self, template: Any) -> int:
+        node = self._roots.get(id(template))
+        if node is None:
+            node = self._roots[id(template)] = self._new()
+        return node
+
+    def walk(self, node: int, tokens: Sequence[int]) -> int:
+        """The node reached from `node` by consuming `tokens`."""
+        children = self._children
+        for token in tokens:
+            child = children.get((node, token))
+            if child is None:
+                child = self._new()
+                if len(children) < self.max_nodes:
+                    children[(node, token)] = child
+            node = child
+        return node
+
+    def shared(self) -> bool:
+        """Whether new nodes are still recorded (what is stored per node should stop when they are not)."""
+        return len(self._children) < self.max_nodes
+
+    def _new(self) -> int:
+        self._count += 1
+        return self._count - 1
 
 
 class GrammarMatchers:
@@ -121,6 +185,9 @@ class GrammarMatchers:
         self._matchers: dict[int, Any] = {}
         self._released: set[int] = set()  # finished: a row of theirs still in flight is unconstrained (discarded)
         self._pre_accepted: dict[int, int] = {}  # request id -> the forced token its step in flight must sample
+        self._histories = TokenHistories()
+        self._nodes: dict[int, int] = {}  # request id -> its matcher's node in _histories
+        self._forced_runs: dict[int, list[int]] = {}  # node -> the state's fast-forward tokens ([]: none)
         self._compiler = compiler
         self._buffers: list[torch.Tensor] = []
         self._next_buffer = 0
@@ -128,6 +195,8 @@ class GrammarMatchers:
         self.masks_computed = 0  # rows whose mask the grammar library computed (bench.structured reports
         self.tokens_accepted = 0  # them per accepted token: 1.0 means a full mask for every constrained token)
         self.tokens_jumped = 0  # forced tokens appended by jump_forward (no mask, no step of their own)
+        self.forced_runs_computed = 0  # states whose forced tokens the grammar library computed (the others
+        self.forced_runs_reused = 0  # reused those of a request that reached the same state first)
 
     def constrained(self, request_id: int) -> bool:
         return request_id in self._templates and request_id not in self._released
@@ -142,15 +211,36 @@ class GrammarMatchers:
             return None
         mask = self._buffer(len(request_ids))
         forced = [(row, self._pre_accepted[rid]) for rid, row in constrained if rid in self._pre_accepted]
-        rows = [(self._matcher(rid), row) for rid, row in constrained if rid not in self._pre_accepted]
+        rows, copies = self._distinct_states([(rid, row) for rid, row in constrained if rid not in self._pre_accepted])
         self.masks_computed += len(rows)
         if len(constrained) < len(request_ids):
             mask.fill_(-1)
         if rows:  # llguidance.torch.fill_next_token_bitmask_par without its module, which imports torch.compile
             self._compiler.executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), self.words * 4, mask.shape[0])
+        if copies:  # rows whose state an earlier row of the step has: the same mask
+            source, target = np.array(copies, dtype=np.int64).T
+            words = mask.numpy()
+            words[target] = words[source]
         if forced:
             _one_token_rows(mask, forced)
         return mask
+
+    def _distinct_states(self, pending: list[tuple[int, int]]) -> tuple[list[tuple[Any, int]], list[tuple[int, int]]]:
+        """(matcher, row) for the first row of each state among (request id, row) pairs; (its row, row) for the
+        others (a mask is a function of the state: one per state)."""
+        if not self._compiler.reuse_by_state:
+            return [(self._matcher(rid), row) for rid, row in pending], []
+        rows, copies, first = [], [], {}
+        for rid, row in pending:
+            matcher = self._matcher(rid)
+            node = self._nodes[rid]
+            source = first.get(node)
+            if source is None:
+                first[node] = row
+                rows.append((matcher, row))
+            else:
+                copies.append((source, row))
+        return rows, copies
 
     def jump_forward(self, rows: Sequence[tuple[int, int, frozenset]]) -> dict[int, list[int]]:
         """Consume each request's forced run of tokens; the runs, by request id (see the module docstring).
@@ -164,15 +254,23 @@ class GrammarMatchers:
             if room <= 0 or not self.constrained(rid):
                 continue
             matcher = self._matcher(rid)
-            if not matcher.compute_ff_bytes():  # about 1 us: most rows are not forced, and the tokens cost 20
-                continue
-            run = _until_stop(matcher.compute_ff_tokens()[:room], stop_ids)
+            node = self._nodes[rid]
+            forced = self._forced_runs.get(node) if self._compiler.reuse_by_state else None
+            if forced is None:  # compute_ff_bytes: about 1 us, most rows are not forced; the tokens cost 20-50
+                forced = matcher.compute_ff_tokens() if matcher.compute_ff_bytes() else []
+                if self._histories.shared():
+                    self._forced_runs[node] = forced
+                self.forced_runs_computed += 1
+            else:
+                self.forced_runs_reused += 1
+            run = _until_stop(forced[:room], stop_ids)
             taken = matcher.try_consume_tokens(run) if run else 0
             if taken and matcher.is_stopped():  # the grammar's last token stays a sampled one
                 matcher.rollback(1)
                 taken -= 1
             if taken:
                 runs[rid] = run[:taken]
+                self._nodes[rid] = self._histories.walk(node, run[:taken])
                 self._pre_accepted[rid] = run[0]
                 self.tokens_jumped += taken - 1
         return runs
@@ -180,33 +278,46 @@ class GrammarMatchers:
     def accept(self, request_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
         """Advance each constrained request's grammar by its token; the ids whose grammar has ended.
 
-        A token the grammar refuses (one sampled without its mask) ends the grammar too.
+        A token the grammar refuses (one sampled without its mask) ends the grammar too.  The rows that are
+        not pre-accepted consume their tokens through the executor's thread pool (a few us each, in parallel,
+        the GIL released) when there are enough of them and of cores, else one by one.
         """
-        ended = []
+        ended: dict[int, bool] = {}  # request id -> ended, in row order
+        consumed = []  # (request id, matcher, token) for the rows the grammar must advance
         for rid, token in zip(request_ids, tokens):
             if self.constrained(rid):
                 self.tokens_accepted += 1
                 expected = self._pre_accepted.pop(rid, None)
                 if expected is not None:  # consumed by jump_forward; its one-token mask made the device agree
-                    if int(token) != expected:
-                        ended.append(rid)
-                    continue
-                matcher = self._matcher(rid)
-                if not matcher.consume_token(int(token)) or matcher.is_stopped():
-                    ended.append(rid)
-        return ended
+                    ended[rid] = int(token) != expected
+                else:
+                    ended[rid] = False
+                    consumed.append((rid, self._matcher(rid), int(token)))
+        if len(consumed) < PARALLEL_ACCEPT_MIN_ROWS or not self._compiler.parallel_accept:
+            accepted = [matcher.consume_token(token) for _, matcher, token in consumed]
+        else:
+            accepted = self._compiler.executor.consume_token_par([(m, t) for _, m, t in consumed])
+        nodes, walk = self._nodes, self._histories.walk
+        for (rid, matcher, token), ok in zip(consumed, accepted):
+            ended[rid] = not ok or matcher.is_stopped()
+            if ok:
+                nodes[rid] = walk(nodes[rid], (token,))
+        return [rid for rid, done in ended.items() if done]
 
     def release(self, request_ids: Sequence[int]) -> None:
         """Drop the matchers of finished requests (their memory; a later call would start them over)."""
         for rid in request_ids:
             self._matchers.pop(rid, None)
+            self._nodes.pop(rid, None)
             self._pre_accepted.pop(rid, None)
             self._released.add(rid)
 
     def _matcher(self, request_id: int) -> Any:
         matcher = self._matchers.get(request_id)
         if matcher is None:
-            matcher = self._matchers[request_id] = self._templates[request_id].deep_copy()
+            template = self._templates[request_id]
+            matcher = self._matchers[request_id] = template.deep_copy()
+            self._nodes[request_id] = self._histories.root(template)
         return matcher
 
     def _buffer(self, rows: int) -> torch.Tensor:
