@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schema", choices=sorted(SCHEMAS), default="review",
                     help="review: bounded free-text strings (the expensive masks); classify: labels, numbers, a date")
     ap.add_argument("--no-jump-forward", action="store_true", help="decode forced tokens one a step (the ablation)")
+    ap.add_argument("--no-mixed-graphs", action="store_true",
+                    help="steps with prefill chunks (jump-forward's runs) eager: the mixed-graphs ablation")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     device = "cpu" if args.tiny else "cuda"
     engine = Engine(path, dtype="float32" if args.tiny else "bfloat16", device=device,
                     jump_forward=not args.no_jump_forward,
+                    **({"cuda_graph_max_tokens": 0} if args.no_mixed_graphs else {}),
                     **({"kv_cache_bytes": 64 << 20} if args.tiny else {}))
     with GrammarTimer() as timer:
         start = time.perf_counter()  # warm-up; the first constrained call builds the grammar's tokenizer
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(r["throughput_ratio"] for r in rows)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "vocab_tokens": len(engine.tokenizer)}
-    suffix = "_no-jump-forward" if args.no_jump_forward else ""
+    suffix = ("_no-jump-forward" if args.no_jump_forward else "") + ("_no-mixed-graphs" if args.no_mixed_graphs else "")
     out = Path(args.out) / f"bench_structured_{args.model}_{args.schema}{suffix}.json"
     out.write_text(json.dumps({**env, "args": vars(args), "schema": schema, "rows": rows,
                                "median_throughput_ratio": ratio}, indent=1))
