@@ -153,3 +153,19 @@ def test_gpu_mixed_graphs_give_the_eager_tokens(dtype, tmp_path):
             for call, i, j, g, w in mismatches]
     print(f"GPU mixed graphs bf16 mismatches (near-tie, fp32 logit gap, bf16 logit error): {ties}")
     assert all(tie for tie, _, _ in ties), "every bf16 mismatch is a near-tie"
+
+
+def test_forced_runs_cut_to_step_sizes_give_the_tokens_of_token_by_token_decoding(tiny_llama_dir):
+    """Jump-forward's forced runs are chunks beside decodes, the steps mixed graphs take: cut to the step sizes
+    (over several steps), they still give the tokens of token-by-token decoding, valid, in fewer steps."""
+    from _helpers import SCHEMA, assert_valid
+    from test_jump_forward import ENGINE, LONG_KEY, prompts
+    jumping, stepping = Engine(tiny_llama_dir, **ENGINE), Engine(tiny_llama_dir, **ENGINE, jump_forward=False)
+    jumping.runner.step_sizes = (8, 12, 16, 24, 32)
+    for schema in (SCHEMA, LONG_KEY):
+        params = SamplingParams(max_tokens=120, temperature=0.0, json_schema=schema)
+        fast, slow = jumping.generate(prompts(6), params), stepping.generate(prompts(6), params)
+        assert [o.token_ids for o in fast] == [o.token_ids for o in slow]
+        for out in fast:
+            assert_valid(out.text, params)
+        assert jumping.last_stats.steps < stepping.last_stats.steps
