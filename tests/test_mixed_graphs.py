@@ -41,16 +41,24 @@ def _chunks(lengths: list[int]) -> list[Chunk]:
 
 def test_fit_step_size_cuts_the_last_chunks_to_a_size():
     sizes = (16, 32, 48, 64)
-    fitted = fit_step_size(_chunks([10, 9, 3]), 20, sizes)  # 42 tokens -> 32
+    fitted = fit_step_size(_chunks([8, 4, 3]), 20, sizes)  # 35 tokens -> 32 (cutting 3 costs less than 13 of padding)
     assert 20 + sum(c.length for c in fitted) == 32
-    assert [c.length for c in fitted] == [10, 1, 1]  # the last ones first, each keeps a token
+    assert [c.length for c in fitted] == [8, 3, 1]  # the last ones first, each keeps a token
     assert all(c.start == 0 for c in fitted)
 
 
-@pytest.mark.parametrize("decodes,lengths", [(20, [12]), (70, [5]), (31, [1]), (0, [])])
-def test_fit_step_size_leaves_steps_it_cannot_or_need_not_fit(decodes, lengths):
-    sizes = (16, 32, 48, 64)
-    chunks = _chunks(lengths)  # a size already; above the largest; 32 needs a chunk of 0; no chunks
+@pytest.mark.parametrize("decodes,lengths,sizes", [
+    (20, [12], (16, 32, 48)),  # a size already
+    (70, [5], (16, 32, 48, 64)),  # above the largest
+    (0, [], (16, 32)),  # no chunks
+    (20, [10, 9, 3], (16, 32, 48, 64)),  # 42: cutting 10 costs more than padding 6
+    (30, [5], (16, 32, 48, 64)),  # 35 -> 32 would cut 3 of the 4 cuttable tokens: most of the chunk
+    (511, [64], (512, 576)),  # a short prompt beside 511 decodes: padded by 1, not trickled in a token a step
+    (500, [30], (512, 576)),  # cutting 18 of 29 cuttable tokens: most of the chunk would move
+    (20, [15], (16, 48)),  # the size below (16) is under the decodes (20)
+])
+def test_fit_step_size_leaves_steps_it_cannot_or_should_not_cut(decodes, lengths, sizes):
+    chunks = _chunks(lengths)
     assert fit_step_size(chunks, decodes, sizes) == chunks
 
 
