@@ -3,13 +3,18 @@
 Every admitted request holds a *slot*, one row of the table, until it is released (finished or
 preempted).  A row keeps what a step's inputs read about the request and what changes rarely:
 
-- static settings, written once at admission: the absolute position of its first token, its prompt
-  length, and its sampling settings (`RequestSeq.sampling_row`);
+- static settings, written once at admission: the request itself, its rank, the absolute position of its
+  first token, its prompt length, and its sampling settings (`RequestSeq.sampling_row`);
+- its token count and computed count (`len(seq.tokens)`, `seq.num_computed`), kept equal to the request's
+  by the scheduler (admission, `Scheduler.commit`, `Scheduler.extend`), so that the decode pass is a
+  test over columns, not a walk over the running requests;
 - its KV page ids, a row of the page table, written as the scheduler allocates them (admission, one
   new page a decode at a time) and dropped when it frees them.
 
 The scheduler is the only code that gives a request pages or takes them away, so the page table is
-always the requests' `pages` lists as arrays.  step_inputs.py gathers the decode rows' positions, KV
+always the requests' `pages` lists as arrays.  Likewise it is the only code that computes a request's
+tokens, and a step's caller appends exactly one token (a placeholder, pipeline.py) to each sampled
+request after `commit`: the count columns follow.  step_inputs.py gathers the decode rows' positions, KV
 slots, page lists and sampling settings from here by slot (`StepBatch.table`).
 """
 from __future__ import annotations
@@ -26,6 +31,10 @@ class RequestTable:
 
     def __init__(self, num_slots: int):
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
+        self.seqs = np.full(num_slots, None, dtype=object)  # the request in each slot (None: free)
+        self.rank = np.zeros(num_slots, dtype=np.int64)
+        self.length = np.zeros(num_slots, dtype=np.int64)  # len(seq.tokens)
+        self.computed = np.zeros(num_slots, dtype=np.int64)  # seq.num_computed
         self.start = np.zeros(num_slots, dtype=np.int64)
         self.num_prompt = np.zeros(num_slots, dtype=np.int64)
         self.temperature = np.zeros(num_slots, dtype=np.float32)
@@ -40,7 +49,9 @@ class RequestTable:
     def admit(self, seq: RequestSeq) -> None:
         """Give `seq` a slot and write its row (its pages: the list it was just allocated)."""
         slot = seq.slot = self.free_slots.pop()
+        self.seqs[slot], self.rank[slot] = seq, seq.rank
         self.start[slot], self.num_prompt[slot] = seq.start, seq.num_prompt
+        self.length[slot], self.computed[slot] = len(seq.tokens), seq.num_computed
         if seq.sampling_row:  # (a request made without one, in a scheduler-only test, is never sampled)
             temperature, top_p, top_k, seed, greedy, filters = seq.sampling_row
             self.temperature[slot], self.top_p[slot], self.top_k[slot] = temperature, top_p, top_k
@@ -59,6 +70,7 @@ class RequestTable:
     def release(self, seq: RequestSeq) -> None:
         """Free `seq`'s slot (its pages were freed)."""
         self.num_pages[seq.slot] = 0
+        self.seqs[seq.slot] = None
         self.free_slots.append(seq.slot)
         seq.slot = -1
 
