@@ -5,6 +5,10 @@ preempted).  A row keeps what a step's inputs read about the request and what ch
 
 - static settings, written once at admission: the request itself, its rank, the absolute position of its
   first token, its prompt length, and its sampling settings (`RequestSeq.sampling_row`);
+- what the host's per-step passes test, so that they touch no request object: whether its last token
+  is its last (DRAINING, set by `pipeline.mark_sampled`), the index of its newest placeholder among the
+  sampled tokens of the step that samples it (`feed_index`), whether it has stop strings, and its stop
+  token ids (up to `STOP_ID_COLUMNS`; more are checked on the request);
 - its token count and computed count (`len(seq.tokens)`, `seq.num_computed`), kept equal to the request's
   by the scheduler (admission, `Scheduler.commit`, `Scheduler.extend`), so that the decode pass is a
   test over columns, not a walk over the running requests;
@@ -24,6 +28,7 @@ import numpy as np
 from .sequence import RequestSeq
 
 _INITIAL_WIDTH = 64  # page-table columns at first; doubled when a request needs more
+STOP_ID_COLUMNS = 4  # stop token ids kept per row (EOS ids and a few stop_token_ids; more: `many_stop_ids`)
 
 
 class RequestTable:
@@ -35,6 +40,12 @@ class RequestTable:
         self.rank = np.zeros(num_slots, dtype=np.int64)
         self.length = np.zeros(num_slots, dtype=np.int64)  # len(seq.tokens)
         self.computed = np.zeros(num_slots, dtype=np.int64)  # seq.num_computed
+        self.max_tokens = np.zeros(num_slots, dtype=np.int64)
+        self.draining = np.zeros(num_slots, dtype=bool)  # seq.status is DRAINING
+        self.feed_index = np.full(num_slots, -1, dtype=np.int64)
+        self.stop_strings = np.zeros(num_slots, dtype=bool)  # bool(seq.params.stop)
+        self.stop_ids = np.full((num_slots, STOP_ID_COLUMNS), -1, dtype=np.int64)  # padded with -1
+        self.many_stop_ids = np.zeros(num_slots, dtype=bool)  # more than STOP_ID_COLUMNS: on the request
         self.start = np.zeros(num_slots, dtype=np.int64)
         self.num_prompt = np.zeros(num_slots, dtype=np.int64)
         self.temperature = np.zeros(num_slots, dtype=np.float32)
@@ -49,9 +60,16 @@ class RequestTable:
     def admit(self, seq: RequestSeq) -> None:
         """Give `seq` a slot and write its row (its pages: the list it was just allocated)."""
         slot = seq.slot = self.free_slots.pop()
+        seq.table = self
         self.seqs[slot], self.rank[slot] = seq, seq.rank
         self.start[slot], self.num_prompt[slot] = seq.start, seq.num_prompt
         self.length[slot], self.computed[slot] = len(seq.tokens), seq.num_computed
+        self.max_tokens[slot], self.draining[slot], self.feed_index[slot] = seq.params.max_tokens, False, -1
+        self.stop_strings[slot] = bool(seq.params.stop)
+        ids = sorted(seq.stop_ids)
+        self.many_stop_ids[slot] = len(ids) > STOP_ID_COLUMNS
+        self.stop_ids[slot] = -1
+        self.stop_ids[slot, :min(len(ids), STOP_ID_COLUMNS)] = ids[:STOP_ID_COLUMNS]
         if seq.sampling_row:  # (a request made without one, in a scheduler-only test, is never sampled)
             temperature, top_p, top_k, seed, greedy, filters = seq.sampling_row
             self.temperature[slot], self.top_p[slot], self.top_k[slot] = temperature, top_p, top_k
@@ -59,6 +77,13 @@ class RequestTable:
         self._fit(len(seq.pages))
         self.pages[slot, :len(seq.pages)] = seq.pages
         self.num_pages[slot] = len(seq.pages)
+
+    def add_pages(self, slots: np.ndarray, pages: list[int]) -> None:
+        """Record one page just appended to the `pages` of each request in `slots` (distinct slots)."""
+        counts = self.num_pages[slots]
+        self._fit(int(counts.max(initial=0)) + 1)
+        self.pages[slots, counts] = pages
+        self.num_pages[slots] = counts + 1
 
     def add_page(self, seq: RequestSeq, page: int) -> None:
         """Record a page just appended to `seq.pages`."""
@@ -72,7 +97,7 @@ class RequestTable:
         self.num_pages[seq.slot] = 0
         self.seqs[seq.slot] = None
         self.free_slots.append(seq.slot)
-        seq.slot = -1
+        seq.slot, seq.table = -1, None
 
     def page_lists(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the page ids of every slot in `slots`, concatenated in that order; each one's count)."""

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from itertools import repeat
-from operator import attrgetter, is_
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -191,24 +191,23 @@ class Scheduler:
         the budget, engine.py, the rest wait a step rather than the step staying too large); their table
         slots and token indices.
 
-        The running requests are taken in admission order.  Which of them decode (`_decodes`) is a test
-        over the table's columns; most have room for the new token in their last page, and the few that
-        need a page take it in that order (`_taken`), which may preempt the newest requests.
+        The running requests are taken in admission order.  Which of them decode (`_decodes`, and RUNNING,
+        not DRAINING) is a test over the table's columns; most have room for the new token in their last
+        page.  The few that need one get it at once when the pool has a page for each and the budget
+        takes them all; else they take pages one by one in that order (`_taken`), which may preempt the
+        newest requests.
         """
         table = self.table
         slots = self._running_slots()
         length, computed = table.length[slots], table.computed[slots]
-        pick = np.flatnonzero((length - computed == 1) & (length > table.num_prompt[slots]))
+        pick = np.flatnonzero((length - computed == 1) & (length > table.num_prompt[slots]) & ~table.draining[slots])
         slots, computed = slots[pick], computed[pick]
-        seqs = table.seqs[slots].tolist()
-        running = np.fromiter(map(is_, map(_status, seqs), repeat(Status.RUNNING)), dtype=bool, count=len(seqs))
-        if not running.all():  # DRAINING: its last token is being sampled
-            slots, computed = slots[running], computed[running]
-            seqs = table.seqs[slots].tolist()
         full = np.flatnonzero(table.num_pages[slots] * self.page_size <= computed)
-        if len(full) or len(seqs) > self.max_batched_tokens:
-            keep = self._taken(seqs, computed, full)
+        if len(slots) > self.max_batched_tokens or len(full) > self.allocator.num_free:
+            keep = self._taken(table.seqs[slots].tolist(), computed, full)
             slots, computed = slots[keep], computed[keep]
+        elif len(full):
+            self._grow_by_one(slots[full])
         ranks = table.rank[slots]
         if len(ranks) > 1 and not (ranks[1:] > ranks[:-1]).all():  # a re-admitted request is out of rank order
             order = np.argsort(ranks, kind="stable")
@@ -237,6 +236,17 @@ class Scheduler:
                 taken += 1
             begin = end + 1
         return keep
+
+    def _grow_by_one(self, slots: np.ndarray) -> None:
+        """One new page for each request in `slots` (distinct; the pool has them), in their order: the pages
+        `_grow` would give them one by one (no preemption)."""
+        pages = self.allocator.allocate(len(slots))
+        self.table.add_pages(slots, pages)
+        for seq, page in zip(self.table.seqs[slots].tolist(), pages):
+            seq.pages.append(page)
+            if seq.reserved_pages > 0:
+                seq.reserved_pages -= 1
+                self.reserved -= 1
 
     def _running_slots(self) -> np.ndarray:
         """The running requests' table slots, in admission order (gathered again after a change)."""
@@ -425,7 +435,6 @@ def _parent_done(seq: Sequence) -> bool:
 _new_chunk = partial(tuple.__new__, Chunk)  # Chunk((seq, start, length)) without NamedTuple's Python __new__
 _seq = attrgetter("seq")
 _slot = attrgetter("slot")
-_status = attrgetter("status")
 _consume = partial(deque, maxlen=0)  # runs an iterator (a `map` of setters, in C) to its end
 
 
