@@ -143,9 +143,9 @@ class Scheduler:
         count columns stay those of the requests."""
         table, slots = self.table, batch.decode_slots
         if len(slots):
-            computed = batch.decode_starts + 1
-            _consume(map(setattr, map(_seq, batch.decodes), repeat("num_computed"), computed.tolist()))
-            table.computed[slots] = computed
+            for seq in map(_seq, batch.decodes):
+                seq.num_computed += 1
+            table.computed[slots] += 1
             table.length[slots] += 1
         for chunk in batch.prefills:
             seq = chunk.seq
@@ -435,7 +435,6 @@ def _parent_done(seq: Sequence) -> bool:
 _new_chunk = partial(tuple.__new__, Chunk)  # Chunk((seq, start, length)) without NamedTuple's Python __new__
 _seq = attrgetter("seq")
 _slot = attrgetter("slot")
-_consume = partial(deque, maxlen=0)  # runs an iterator (a `map` of setters, in C) to its end
 
 
 def _row_key(chunk: Chunk) -> tuple[int, int]:
