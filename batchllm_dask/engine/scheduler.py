@@ -424,7 +424,7 @@ def _decodes(seq: Sequence) -> bool:
 
     A recomputed request whose last prefill chunk leaves one token looks like a decode (so does a forced
     run of jump_forward.py cut down to its last token): only one pass may take that token, or it is computed
-    and sampled twice in one step.  `_schedule_decodes` tests the same condition inline (its hot loop)."""
+    and sampled twice in one step.  `_schedule_decodes` tests the same condition over the table's columns."""
     return type(seq) is RequestSeq and seq.pending == 1 and len(seq.tokens) > seq.num_prompt
 
 
