@@ -5,10 +5,7 @@ preempted).  A row keeps what a step's inputs read about the request and what ch
 
 - static settings, written once at admission: the request itself, its rank, the absolute position of its
   first token, its prompt length, and its sampling settings (`RequestSeq.sampling_row`);
-- what the host's per-step passes test, so that they touch no request object: whether its last token
-  is its last (DRAINING, set by `pipeline.mark_sampled`), the index of its newest placeholder among the
-  sampled tokens of the step that samples it (`feed_index`), whether it has stop strings, and its stop
-  token ids (up to `STOP_ID_COLUMNS`; more are checked on the request);
+- whether its newest token is its last (DRAINING: `pipeline.mark_sampled` sets it with the status);
 - its token count and computed count (`len(seq.tokens)`, `seq.num_computed`), kept equal to the request's
   by the scheduler (admission, `Scheduler.commit`, `Scheduler.extend`), so that the decode pass is a
   test over columns, not a walk over the running requests;
@@ -28,7 +25,6 @@ import numpy as np
 from .sequence import RequestSeq
 
 _INITIAL_WIDTH = 64  # page-table columns at first; doubled when a request needs more
-STOP_ID_COLUMNS = 4  # stop token ids kept per row (EOS ids and a few stop_token_ids; more: `many_stop_ids`)
 
 
 class RequestTable:
@@ -40,12 +36,7 @@ class RequestTable:
         self.rank = np.zeros(num_slots, dtype=np.int64)
         self.length = np.zeros(num_slots, dtype=np.int64)  # len(seq.tokens)
         self.computed = np.zeros(num_slots, dtype=np.int64)  # seq.num_computed
-        self.max_tokens = np.zeros(num_slots, dtype=np.int64)
         self.draining = np.zeros(num_slots, dtype=bool)  # seq.status is DRAINING
-        self.feed_index = np.full(num_slots, -1, dtype=np.int64)
-        self.stop_strings = np.zeros(num_slots, dtype=bool)  # bool(seq.params.stop)
-        self.stop_ids = np.full((num_slots, STOP_ID_COLUMNS), -1, dtype=np.int64)  # padded with -1
-        self.many_stop_ids = np.zeros(num_slots, dtype=bool)  # more than STOP_ID_COLUMNS: on the request
         self.start = np.zeros(num_slots, dtype=np.int64)
         self.num_prompt = np.zeros(num_slots, dtype=np.int64)
         self.temperature = np.zeros(num_slots, dtype=np.float32)
@@ -64,12 +55,7 @@ class RequestTable:
         self.seqs[slot], self.rank[slot] = seq, seq.rank
         self.start[slot], self.num_prompt[slot] = seq.start, seq.num_prompt
         self.length[slot], self.computed[slot] = len(seq.tokens), seq.num_computed
-        self.max_tokens[slot], self.draining[slot], self.feed_index[slot] = seq.params.max_tokens, False, -1
-        self.stop_strings[slot] = bool(seq.params.stop)
-        ids = sorted(seq.stop_ids)
-        self.many_stop_ids[slot] = len(ids) > STOP_ID_COLUMNS
-        self.stop_ids[slot] = -1
-        self.stop_ids[slot, :min(len(ids), STOP_ID_COLUMNS)] = ids[:STOP_ID_COLUMNS]
+        self.draining[slot] = False
         if seq.sampling_row:  # (a request made without one, in a scheduler-only test, is never sampled)
             temperature, top_p, top_k, seed, greedy, filters = seq.sampling_row
             self.temperature[slot], self.top_p[slot], self.top_k[slot] = temperature, top_p, top_k

@@ -89,6 +89,7 @@ class RequestSeq(Sequence):
     error: str | None = None
     text: str | None = None  # the completion's text once finished (None: decode it from the tokens)
     unresolved: int = 0  # tokens at the end of `tokens` that are still being sampled on the device (placeholders)
+    feed_index: int = -1  # where its newest placeholder is in the sampled tokens of the step that samples it
     sampling_row: tuple = ()  # sampler.sampling_row(params, seed): what a step's sampling arrays take from it
     stop_ids: frozenset = frozenset()  # token ids that end it (EOS unless ignore_eos, stop_token_ids)
     slot: int = -1  # its row of the scheduler's RequestTable while admitted (request_table.py), else -1

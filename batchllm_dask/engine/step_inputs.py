@@ -189,6 +189,7 @@ class _Items:
 
 _seq = itemgetter(0)  # a chunk's sequence
 _tokens = attrgetter("tokens")
+_feed_index = attrgetter("feed_index")
 _last = itemgetter(-1)
 
 
@@ -197,8 +198,8 @@ def _decode_rows(seqs: list[RequestSeq], slots: np.ndarray, starts: np.ndarray, 
     """ids, positions, KV slots, feed rows and feed sources of the decode rows (of `seqs`, in their table
     `slots`, from token index `starts`); their own-segment items.
 
-    A decode's token is its request's last (it has one pending token); each row's last token is read in
-    C, and everything else (its feed index too) is gathered from the table by slot.
+    A decode's token is its request's last (it has one pending token); each row's last token and feed
+    index are read in C, and everything else is gathered from the table by slot.
     """
     n = len(seqs)
     ids = np.fromiter(map(_last, map(_tokens, seqs)), dtype=np.int64, count=n)
@@ -207,7 +208,7 @@ def _decode_rows(seqs: list[RequestSeq], slots: np.ndarray, starts: np.ndarray, 
     kv_slots = pages * page_size + starts % page_size
     items.add_decodes(starts + 1, slots)
     feed = np.flatnonzero(ids == PLACEHOLDER)
-    feed_src = table.feed_index[slots[feed]]
+    feed_src = np.fromiter(map(_feed_index, seqs), dtype=np.int64, count=n)[feed]
     return ids, positions, kv_slots, feed.astype(np.int64), feed_src
 
 
