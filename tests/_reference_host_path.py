@@ -19,9 +19,10 @@ def sampled_chunks(batch: StepBatch) -> list[Chunk]:
 
 
 class ReferenceScheduler(Scheduler):
-    """The scheduler with its per-request decode loop as it was."""
+    """The scheduler with its per-request decode loop as it was (then sorted by rank, as `schedule` did; the
+    slots and starts that StepBatch carries now are read off the chunks)."""
 
-    def _schedule_decodes(self) -> list[Chunk]:
+    def _schedule_decodes(self):
         chunks = []
         for seq in list(self.running.values()):
             if len(chunks) >= self.max_batched_tokens:
@@ -29,7 +30,9 @@ class ReferenceScheduler(Scheduler):
             if seq.status is Status.RUNNING and seq.pending == 1 and len(seq.tokens) > seq.num_prompt:
                 if self._grow(seq, seq.num_computed + 1):
                     chunks.append(Chunk(seq, seq.num_computed, 1))
-        return chunks
+        chunks.sort(key=lambda c: c.seq.rank)
+        return (chunks, np.asarray([c.seq.slot for c in chunks], dtype=np.int64),
+                np.asarray([c.start for c in chunks], dtype=np.int64))
 
 
 def mark_sampled(seqs: list[RequestSeq], max_model_len: int) -> SampledStep:

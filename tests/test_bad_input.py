@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import batchllm_dask  # noqa: F401 - registers .llm
 from _helpers import to_dask
+from batchllm_dask.engine.inputs import _token_ids
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kv_cache_bytes": 32 << 20}
 SAMPLING = {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True}
@@ -154,3 +155,25 @@ def test_a_row_the_tokenizer_fails_on_fails_alone(model):
     assert errors[0] is None and errors[2] is None and ids[0] is not None and ids[2] is not None
     assert "tokenizer failed on this prompt" in errors[1] and ids[1] is None
     assert "token ids out of range" in errors[3] and "1099511627776" in errors[3]  # not wrapped into a valid id
+
+
+def _numpy_token_ids(prompt: list, vocab_size: int):
+    """What `_token_ids` did before its fast path: numpy's inference over the whole list."""
+    try:
+        ids = np.asarray(prompt)
+    except (TypeError, ValueError):
+        return "refused"
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        return "refused"
+    return "out of vocabulary" if ((ids < 0) | (ids >= vocab_size)).any() else ids.astype(np.int64).tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(-3, 2 ** 65), st.integers(0, VOCAB - 1), st.booleans(),
+                          st.floats(allow_nan=False), st.text(max_size=2), st.none()), min_size=1, max_size=6))
+def test_a_list_of_ids_is_converted_or_refused_as_numpy_would(prompt):
+    """The fast conversion of a list of Python ints (array('q')) gives numpy's ids, and refuses what it refuses:
+    floats, strings, None, ids beyond int64, out-of-vocabulary ids, a list of bools only."""
+    got = _token_ids(prompt, VOCAB)
+    got = got.tolist() if isinstance(got, np.ndarray) else ("out of vocabulary" if "vocabulary" in got else "refused")
+    assert got == _numpy_token_ids(prompt, VOCAB)

@@ -18,7 +18,7 @@ from batchllm_dask.engine.sampler import sampling_row
 from batchllm_dask.engine.scheduler import Scheduler
 from batchllm_dask.engine.sequence import Status
 from batchllm_dask.engine.step_inputs import PLACEHOLDER, build_step_inputs
-from test_scheduler import _sequences
+from test_scheduler import _check_table, _sequences
 
 EOS = 3
 
@@ -55,6 +55,7 @@ def _run(prompts, max_tokens, stop_at, num_pages, page_size, budget, reserve, ma
         launched = None
         if not scheduler.done:
             batch = scheduler.schedule()
+            _check_table(scheduler)
             finished += [s.index for s in batch.failed]
             if batch.num_tokens:
                 inputs = build_step_inputs(batch, page_size)

@@ -10,7 +10,7 @@ from batchllm_dask.engine.config import SamplingParams
 from batchllm_dask.engine.kv_cache import PageAllocator, pages_for
 from batchllm_dask.engine.prefix_tree import build_prefix_plan
 from batchllm_dask.engine.scheduler import Scheduler, StepBatch, order_requests
-from batchllm_dask.engine.sequence import PrefixSeq, RequestSeq
+from batchllm_dask.engine.sequence import PrefixSeq, RequestSeq, Status
 
 
 def _sequences(prompts, max_tokens, threshold=1):
@@ -46,6 +46,18 @@ def _check_step(batch: StepBatch, scheduler: Scheduler, budget: int, num_pages: 
         assert len(chunk.seq.pages) * scheduler.page_size >= chunk.start + chunk.length, "KV slots allocated"
     ranks = [c.seq.rank for c in batch.decodes]
     assert ranks == sorted(ranks), "decode rows in plan order, so prefix groups are contiguous"
+    _check_table(scheduler)
+
+
+def _check_table(scheduler: Scheduler) -> None:
+    """The RequestTable's columns are those of the running requests (the decode pass reads only them)."""
+    table = scheduler.table
+    for seq in scheduler.running.values():
+        slot = seq.slot
+        assert table.seqs[slot] is seq and seq.table is table
+        assert (table.length[slot], table.computed[slot]) == (len(seq.tokens), seq.num_computed)
+        assert table.num_pages[slot] == len(seq.pages) and table.pages[slot, :len(seq.pages)].tolist() == seq.pages
+        assert table.draining[slot] == (seq.status is Status.DRAINING)
 
 
 def _simulate(prompts, max_tokens, num_pages, page_size, budget, stop_at=None, decode_reserve=1.0):

@@ -8,6 +8,7 @@ of the vocabulary) become that prompt's error, and the rest of the call runs.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -79,10 +80,12 @@ def _token_ids(prompt: object, vocab_size: int) -> np.ndarray | str:
     message.  numpy infers the type of the elements (a float or a bool among them is refused, not cast)."""
     if isinstance(prompt, (bytes, Mapping)) or not hasattr(prompt, "__len__") or not hasattr(prompt, "__iter__"):
         return f"prompt must be a string or a list of token ids, got {_describe(prompt)}"
-    try:
-        ids = np.asarray(prompt)
-    except (TypeError, ValueError):
-        ids = np.asarray([], dtype=object)
+    ids = _int_list(prompt)
+    if ids is None:
+        try:
+            ids = np.asarray(prompt)
+        except (TypeError, ValueError):
+            ids = np.asarray([], dtype=object)
     if ids.size == 0 and len(prompt) == 0:  # type: ignore[arg-type]
         return np.zeros(0, dtype=np.int64)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
@@ -91,6 +94,21 @@ def _token_ids(prompt: object, vocab_size: int) -> np.ndarray | str:
     if bad.size:
         return f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5].tolist()}"
     return ids.astype(np.int64, copy=False)
+
+
+def _int_list(prompt: object) -> np.ndarray | None:
+    """A list of Python ints as an int64 array, converted in C without numpy's inference of the elements'
+    type (a third of the time for a long prompt), or None where that does not apply.
+
+    `array('q')` refuses floats, strings and containers, and ints beyond int64, which then take numpy's
+    path and its errors.  It takes bools among ints, as numpy does (its type for [5, True] is int64); a
+    list that starts with a bool is left to numpy, which refuses one of bools only."""
+    if type(prompt) is not list or not prompt or type(prompt[0]) is not int:
+        return None
+    try:
+        return np.frombuffer(array("q", prompt), dtype=np.int64)
+    except (TypeError, OverflowError):
+        return None
 
 
 def _describe(value: object) -> str:

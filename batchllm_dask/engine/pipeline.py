@@ -50,6 +50,7 @@ def mark_sampled(seqs: list[RequestSeq], max_model_len: int) -> SampledStep:
         positions.append(length - 1)
         if length - seq.num_prompt >= seq.params.max_tokens or seq.start + length >= max_model_len:
             seq.status = draining
+            seq.table.draining[seq.slot] = True  # (the scheduler's decode pass reads it there)
     return SampledStep(seqs, positions)
 
 

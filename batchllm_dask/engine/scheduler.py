@@ -32,8 +32,11 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property, partial
+from itertools import repeat
 from operator import attrgetter
 from typing import NamedTuple
+
+import numpy as np
 
 from .kv_cache import PageAllocator, kv_shortage_message, pages_for
 from .prefix_tree import PrefixPlan
@@ -80,6 +83,8 @@ class StepBatch:
     decodes: list[Chunk]
     prefills: list[Chunk]
     table: RequestTable  # the running requests' columns, which the step inputs gather from
+    decode_slots: np.ndarray  # [len(decodes)] int64: each decode's request's table slot
+    decode_starts: np.ndarray  # [len(decodes)] int64: each decode's token index (its chunk's start)
     failed: list[RequestSeq] = field(default_factory=list)  # requests that can never fit
 
     @property
@@ -114,6 +119,7 @@ class Scheduler:
         self.running: dict[int, RequestSeq] = {}  # id -> request, in admission order: the last is the newest
         self.prefilling: list[Sequence] = []  # prefixes and requests with prompt tokens to compute, admitted order
         self.table = RequestTable(self.max_running)  # a slot per running request (at most max_running run)
+        self._slots: np.ndarray | None = None  # the running requests' slots in admission order (None: to gather)
         self.reserved = 0  # pages set aside for the running requests' decode growth
         self.num_preemptions = 0
         self.recomputed_tokens = 0
@@ -124,20 +130,30 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------
     def schedule(self) -> StepBatch:
-        decodes = self._schedule_decodes()
+        decodes, slots, starts = self._schedule_decodes()
         budget = self.max_batched_tokens - len(decodes)
         prefills, budget = self._continue_prefills(budget)
         new, failed = self._admit(budget)
-        decodes.sort(key=_rank)
         prefills = fit_step_size(sorted(prefills + new, key=_row_key), len(decodes), self.step_sizes)
-        return StepBatch(decodes, prefills, self.table, failed)
+        return StepBatch(decodes, prefills, self.table, slots, starts, failed)
 
     def commit(self, batch: StepBatch) -> None:
-        """Record that the batch runs: its tokens' KV will be in the pool."""
-        for chunk in batch.decodes:
-            chunk.seq.num_computed += 1
+        """Record that the batch runs: its tokens' KV will be in the pool, and each request it samples gets
+        one token more (the caller appends it after this call: a placeholder, pipeline.py), so the table's
+        count columns stay those of the requests."""
+        table, slots = self.table, batch.decode_slots
+        if len(slots):
+            for seq in map(_seq, batch.decodes):
+                seq.num_computed += 1
+            table.computed[slots] += 1
+            table.length[slots] += 1
         for chunk in batch.prefills:
-            chunk.seq.num_computed += chunk.length
+            seq = chunk.seq
+            seq.num_computed += chunk.length
+            if type(seq) is RequestSeq:
+                table.computed[seq.slot] = seq.num_computed
+                if chunk.samples:
+                    table.length[seq.slot] += 1
         if batch.prefills:
             self.prefilling = [p for p in self.prefilling if p.pending > 0]
 
@@ -148,6 +164,7 @@ class Scheduler:
         pages and reserve, so no other request is preempted for it."""
         if not self._grow(seq, len(seq.tokens)):
             raise RuntimeError("jump-forward outgrew the request's pages: this is a bug, please report it")
+        self.table.length[seq.slot] = len(seq.tokens)
         if seq not in self.prefilling:
             self.prefilling.insert(0, seq)
 
@@ -160,6 +177,7 @@ class Scheduler:
             self.waiting.remove(seq)
         else:
             del self.running[id(seq)]
+            self._slots = None
             self._release(seq)
         seq.status = Status.FINISHED
         for prefix in seq.ancestors():
@@ -168,20 +186,73 @@ class Scheduler:
                 self._free(prefix)
 
     # -- pieces ----------------------------------------------------------------------------
-    def _schedule_decodes(self) -> list[Chunk]:
-        """Every running decode, up to the token budget: after an out-of-memory retry halved the budget
-        (engine.py), the rest wait a step rather than the step staying too large."""
-        chunks: list[Chunk] = []
-        limit, page_size, running = self.max_batched_tokens, self.page_size, Status.RUNNING
-        for seq in list(self.running.values()):  # a copy: growing may preempt
-            if len(chunks) >= limit:
+    def _schedule_decodes(self) -> tuple[list[Chunk], np.ndarray, np.ndarray]:
+        """Every running decode in rank order, up to the token budget (after an out-of-memory retry halved
+        the budget, engine.py, the rest wait a step rather than the step staying too large); their table
+        slots and token indices.
+
+        The running requests are taken in admission order.  Which of them decode (`_decodes`, and RUNNING,
+        not DRAINING) is a test over the table's columns; most have room for the new token in their last
+        page.  The few that need one get it at once when the pool has a page for each and the budget
+        takes them all; else they take pages one by one in that order (`_taken`), which may preempt the
+        newest requests.
+        """
+        table = self.table
+        slots = self._running_slots()
+        length, computed = table.length[slots], table.computed[slots]
+        pick = np.flatnonzero((length - computed == 1) & (length > table.num_prompt[slots]) & ~table.draining[slots])
+        slots, computed = slots[pick], computed[pick]
+        full = np.flatnonzero(table.num_pages[slots] * self.page_size <= computed)
+        if len(slots) > self.max_batched_tokens or len(full) > self.allocator.num_free:
+            keep = self._taken(table.seqs[slots].tolist(), computed, full)
+            slots, computed = slots[keep], computed[keep]
+        elif len(full):
+            self._grow_by_one(slots[full])
+        ranks = table.rank[slots]
+        if len(ranks) > 1 and not (ranks[1:] > ranks[:-1]).all():  # a re-admitted request is out of rank order
+            order = np.argsort(ranks, kind="stable")
+            slots, computed = slots[order], computed[order]
+        chunks = list(map(_new_chunk, zip(table.seqs[slots].tolist(), computed.tolist(), repeat(1))))
+        return chunks, slots, computed
+
+    def _taken(self, seqs: list[RequestSeq], computed: np.ndarray, full: np.ndarray) -> np.ndarray:
+        """Which of the decodes `seqs` (admission order, tokens at `computed`) the step takes: in order, up to
+        the token budget, those at `full` if `_grow` gives them a page.  A page taken may preempt the newest
+        requests, later in `seqs`: after a preemption, the ones left are taken only if still running."""
+        keep = np.zeros(len(seqs), dtype=bool)
+        limit, taken, begin, preemptions = self.max_batched_tokens, 0, 0, self.num_preemptions
+        for end in [*full.tolist(), len(seqs)]:
+            room = range(begin, end)  # these have room in their pages
+            if self.num_preemptions != preemptions:
+                room = [i for i in room if seqs[i].status is Status.RUNNING]
+            room = room[:limit - taken]
+            keep[room] = True
+            taken += len(room)
+            if taken >= limit or end == len(seqs):
                 break
-            length, computed = len(seq.tokens), seq.num_computed
-            if seq.status is running and length - computed == 1 and length > seq.num_prompt:  # `_decodes`, inline
-                # the common case inline: its pages already hold the new token (else `_grow` takes one)
-                if len(seq.pages) * page_size > computed or self._grow(seq, computed + 1):
-                    chunks.append(_new_chunk((seq, computed, 1)))
-        return chunks
+            seq = seqs[end]
+            if seq.status is Status.RUNNING and self._grow(seq, int(computed[end]) + 1):
+                keep[end] = True
+                taken += 1
+            begin = end + 1
+        return keep
+
+    def _grow_by_one(self, slots: np.ndarray) -> None:
+        """One new page for each request in `slots` (distinct; the pool has them), in their order: the pages
+        `_grow` would give them one by one (no preemption)."""
+        pages = self.allocator.allocate(len(slots))
+        self.table.add_pages(slots, pages)
+        for seq, page in zip(self.table.seqs[slots].tolist(), pages):
+            seq.pages.append(page)
+            if seq.reserved_pages > 0:
+                seq.reserved_pages -= 1
+                self.reserved -= 1
+
+    def _running_slots(self) -> np.ndarray:
+        """The running requests' table slots, in admission order (gathered again after a change)."""
+        if self._slots is None:
+            self._slots = np.fromiter(map(_slot, self.running.values()), dtype=np.int64, count=len(self.running))
+        return self._slots
 
     def _grow(self, seq: RequestSeq, num_tokens: int) -> bool:
         """Give `seq` pages for `num_tokens`, preempting newer requests if the pool is dry."""
@@ -210,6 +281,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.recomputed_tokens += seq.num_computed
         del self.running[id(seq)]
+        self._slots = None
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         self._release(seq)
@@ -252,6 +324,7 @@ class Scheduler:
             self.reserved += seq.reserved_pages
             seq.status = Status.RUNNING
             self.running[id(seq)] = seq
+            self._slots = None
             self.prefilling.append(seq)
             for s in [*new_prefixes, seq]:
                 if budget > 0 and _parent_done(s) and s.pending > 0 and (s is not seq or s.context_ready()):
@@ -351,7 +424,7 @@ def _decodes(seq: Sequence) -> bool:
 
     A recomputed request whose last prefill chunk leaves one token looks like a decode (so does a forced
     run of jump_forward.py cut down to its last token): only one pass may take that token, or it is computed
-    and sampled twice in one step.  `_schedule_decodes` tests the same condition inline (its hot loop)."""
+    and sampled twice in one step.  `_schedule_decodes` tests the same condition over the table's columns."""
     return type(seq) is RequestSeq and seq.pending == 1 and len(seq.tokens) > seq.num_prompt
 
 
@@ -359,8 +432,9 @@ def _parent_done(seq: Sequence) -> bool:
     return seq.parent is None or (seq.parent.pending == 0 and seq.parent.materialized)
 
 
-_rank = attrgetter("seq.rank")  # a chunk's request's rank (in C: a decode step sorts hundreds of chunks)
 _new_chunk = partial(tuple.__new__, Chunk)  # Chunk((seq, start, length)) without NamedTuple's Python __new__
+_seq = attrgetter("seq")
+_slot = attrgetter("slot")
 
 
 def _row_key(chunk: Chunk) -> tuple[int, int]:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .config import SamplingParams
+
+if TYPE_CHECKING:
+    from .request_table import RequestTable
 
 
 class Status(Enum):
@@ -89,6 +93,7 @@ class RequestSeq(Sequence):
     sampling_row: tuple = ()  # sampler.sampling_row(params, seed): what a step's sampling arrays take from it
     stop_ids: frozenset = frozenset()  # token ids that end it (EOS unless ignore_eos, stop_token_ids)
     slot: int = -1  # its row of the scheduler's RequestTable while admitted (request_table.py), else -1
+    table: "RequestTable | None" = field(default=None, repr=False)  # that table while admitted, else None
 
     @property
     def output(self) -> list[int]:

@@ -97,8 +97,7 @@ def build_step_inputs(batch: StepBatch, page_size: int) -> StepInputs:
     decodes, rows, table = batch.decodes, _chunk_rows(batch), batch.table
     items = _Items()
     seqs = list(map(_seq, decodes))
-    d_slots = np.fromiter(map(_slot, seqs), dtype=np.int64, count=len(seqs))
-    d_starts = np.fromiter(map(_start, decodes), dtype=np.int64, count=len(seqs))
+    d_slots, d_starts = batch.decode_slots, batch.decode_starts
     ids, positions, kv_slots, feed, feed_src = _decode_rows(seqs, d_slots, d_starts, table, page_size, items)
     pre = [_prefill_rows(chunk, page_size, items, row) for chunk, row in rows]
     _prefix_runs(chain(decodes, batch.prefills), items)
@@ -189,11 +188,9 @@ class _Items:
 
 
 _seq = itemgetter(0)  # a chunk's sequence
-_start = itemgetter(1)  # a chunk's first token index
-_slot = attrgetter("slot")
 _tokens = attrgetter("tokens")
-_last = itemgetter(-1)
 _feed_index = attrgetter("feed_index")
+_last = itemgetter(-1)
 
 
 def _decode_rows(seqs: list[RequestSeq], slots: np.ndarray, starts: np.ndarray, table: RequestTable,

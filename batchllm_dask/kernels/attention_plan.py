@@ -168,8 +168,10 @@ def plan_on_host(work: AttentionWork, num_rows: int, group: int, num_kv_heads: i
     tiles[:, PAGE_START] = page_start[it]
     tiles[:, BIG] = big[blk]
     work_per_tile = (tiles[:, KV_END] - tiles[:, KV_START]) * (1 + tiles[:, BIG])
-    # big tiles first (their own launch), each class longest first (a greedy LPT order for the hardware scheduler)
-    tiles = tiles[np.lexsort((-work_per_tile, -tiles[:, BIG]))]
+    # big tiles first (their own launch), each class longest first (a greedy LPT order for the hardware scheduler):
+    # one stable sort on a key of both, the order of a lexsort by (-BIG, -work)
+    key = work_per_tile + tiles[:, BIG] * (int(work_per_tile.max(initial=0)) + 1)
+    tiles = tiles[np.argsort(-key, kind="stable")]
 
     merge_rows, merge_ptr, merge_parts, num_parts = _merge_lists(tiles, num_rows)
     return HostPlan(tiles, merge_rows, merge_ptr, merge_parts, num_parts,
@@ -216,7 +218,8 @@ def _merge_lists(tiles: np.ndarray, num_rows: int):
     no partials: the merge writes zeros there, as the reference does).
     """
     n_rows = tiles[:, N_ROWS]
-    row_of = np.repeat(tiles[:, ROW0], n_rows) + _ranges(n_rows)
+    offsets = _ranges(n_rows)  # each tile row's index inside its tile
+    row_of = np.repeat(tiles[:, ROW0], n_rows) + offsets
     cover = np.bincount(row_of, minlength=num_rows)
     tile_of = np.repeat(np.arange(len(tiles)), n_rows)
     shared = cover[row_of] > 1
@@ -225,13 +228,14 @@ def _merge_lists(tiles: np.ndarray, num_rows: int):
     tiles[:, PART_BASE] = np.where(tile_shared, np.cumsum(part_rows) - part_rows, -1)
 
     keep = tile_shared[tile_of]
-    rows, parts = row_of[keep], (tiles[tile_of, PART_BASE] + _ranges(n_rows))[keep]
-    order = np.argsort(rows, kind="stable")
+    rows, parts = row_of[keep], (np.repeat(tiles[:, PART_BASE], n_rows) + offsets)[keep]
+    # a stable sort by row: rows of up to 65536 as uint16, which numpy sorts by radix
+    order = np.argsort(rows.astype(np.uint16) if num_rows <= 1 << 16 else rows, kind="stable")
     rows, parts = rows[order], parts[order]
     counts = np.bincount(rows, minlength=num_rows)
     merge_rows = np.flatnonzero((counts > 0) | (cover == 0))
-    counts = counts[merge_rows]
-    merge_ptr = np.concatenate([[0], np.cumsum(counts)])
+    merge_ptr = np.zeros(len(merge_rows) + 1, dtype=np.int64)
+    np.cumsum(counts[merge_rows], out=merge_ptr[1:])
     return merge_rows, merge_ptr, parts, int(part_rows.sum())
 
 
