@@ -6,6 +6,10 @@ It is planned and launched as a decode graph does (fixed-grid plan, capacities a
 captured in a CUDA graph and its replay timed with triton's do_bench; the figure is the step's unique KV bytes over the measured copy bandwidth,
 against the time (100% = the copy floor).  Every variant's output is checked against the torch reference.
 
+Also the program order (`tile-major`: one KV head's tiles after another, against the engine's heads side by side)
+and the grids (`exact-grid`: the step's own plan captured as it is, against a bucket's capacity grids, whose
+programs past the step's tiles exit at once).
+
 Settings swept, one at a time from the engine's (prefix_attention.small_tile_config(head_dim), BIG_TILES[64],
 attention_plan.PROGRAMS_PER_SM), then a few combinations (the "small-*" variants set the small tile of both head
 dims):
@@ -32,7 +36,8 @@ HQ, HKV, PAGE = 32, 8, 16
 DT = torch.bfloat16
 SHAPES = {"1b": 64, "8b": 128}  # head_dim
 
-BASE = dict(small=pa.SMALL_TILE, big64=pa.BIG_TILES[64], pps=ap.PROGRAMS_PER_SM)
+BASE = dict(small=pa.SMALL_TILE, big64=pa.BIG_TILES[64], pps=ap.PROGRAMS_PER_SM, adjacent=pa.HEADS_ADJACENT,
+            exact=False)
 T = pa.TileConfig
 VARIANTS = {
     "base": {},
@@ -43,6 +48,11 @@ VARIANTS = {
     "big-st3": dict(big64=T(64, 4, 3)), "big-w2": dict(big64=T(64, 2, 2)), "big-n128": dict(big64=T(128, 4, 2)),
     "pps4": dict(pps=4), "pps8": dict(pps=8), "pps32": dict(pps=32), "pps64": dict(pps=64),
     "pps32-st3": dict(pps=32, small=T(64, 2, 3)), "pps32-n32": dict(pps=32, small=T(32, 2, 2)),
+    # the program order: one head's tiles after another (the order before 2026-12-03) against heads side by side
+    "tile-major": dict(adjacent=False),
+    # the step's exact grids (an eager plan, captured as it is) instead of a bucket's capacity grids: what the
+    # fixed grid's idle programs cost
+    "exact-grid": dict(exact=True), "tile-major-exact": dict(adjacent=False, exact=True),
 }
 
 
@@ -95,6 +105,8 @@ def set_variant(overrides: dict, head_dim: int) -> None:
     pa.SMALL_TILE = chosen["small"]
     pa.BIG_TILES[64] = chosen["big64"]
     ap.PROGRAMS_PER_SM = chosen["pps"]
+    pa.HEADS_ADJACENT = chosen["adjacent"]
+    return chosen
 
 
 def graph_like(work: AttentionWork, rows: int, device) -> tuple[AttentionWork, ap.HostPlan]:
@@ -111,6 +123,16 @@ def graph_like(work: AttentionWork, rows: int, device) -> tuple[AttentionWork, a
     bound = AttentionWork(work.q_start, work.q_len, work.kv_len, work.causal, work.page_start, work.page_ids,
                           work.num_items, work.max_q_len, work.max_kv_len)
     pa.bind_plan(bound, layout.device_plan(torch.from_numpy(flat).cuda(), plan.variant, small, rows, parts, big))
+    return bound, plan
+
+
+def exact_plan(work: AttentionWork, rows: int, device) -> tuple[AttentionWork, ap.HostPlan]:
+    """`work` with the step's own plan (grids of exactly its tiles and merge rows), as an eager decode step has."""
+    plan = pa.host_plan(work, rows, HQ, HKV, device)
+    bound = AttentionWork(work.q_start, work.q_len, work.kv_len, work.causal, work.page_start, work.page_ids,
+                          work.num_items, work.max_q_len, work.max_kv_len)
+    arrays = {k: torch.from_numpy(v).to(device) for k, v in ap.host_plan_arrays(plan).items()}
+    pa.attach_plan(bound, ap.device_plan_from_arrays(plan, arrays))
     return bound, plan
 
 
@@ -139,10 +161,11 @@ def sweep(bandwidth: float, shapes: list[str], variants: list[str]) -> dict:
             out = torch.empty_like(q)
             line = {}
             for vn in variants:
-                set_variant(VARIANTS[vn], head_dim)
+                chosen = set_variant(VARIANTS[vn], head_dim)
                 pa._plan_cache.clear()
                 try:
-                    bound, plan = graph_like(work, q.shape[0], q.device)
+                    planned = exact_plan if chosen["exact"] else graph_like
+                    bound, plan = planned(work, q.shape[0], q.device)
                     pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out)
                     err = ((out.float() - ref).norm() / ref.norm()).item()
                     ms = graph_ms(lambda: pa.fused_paged_attention(q, k, v, bound, head_dim ** -0.5, out=out))

@@ -180,6 +180,15 @@ def test_mixed_step_decodes_and_chunks(monkeypatch):
     run_case(batch, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("heads_adjacent", [True, False])
+def test_both_program_orders_give_the_reference(heads_adjacent, monkeypatch):
+    """The 1-D grid with one tile's KV heads side by side and the 2-D grid (tile, head) cover the same work."""
+    monkeypatch.setattr(prefix_attention, "HEADS_ADJACENT", heads_adjacent)
+    batch = random_tree(random.Random(), 6, levels=2, max_group=3, max_prefix=30, max_suffix=20)
+    batch.requests.append(Request([], 9, 30))
+    run_case(batch, num_kv_heads=3, group=2, monkeypatch=monkeypatch)
+
+
 def test_uncovered_rows_are_zero():
     """The reference gives 0 for a row no item covers; so does the kernel (empty items too)."""
     k = torch.randn(4, 16, 1, 64, device=DEVICE)
