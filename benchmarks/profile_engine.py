@@ -39,6 +39,8 @@ for name in workloads:
           f"{st.mean_tokens_per_step:.0f} tok/step, host {1e3*st.host_seconds/max(st.steps,1):.1f} ms/step; "
           f"busy {s['gpu_busy_share']:.0%} (profiled wall {pw:.2f})", flush=True)
     print("   class ms: " + ", ".join(f"{k} {v:.0f}" for k, v in s["kernel_ms_by_class"].items()), flush=True)
+    for k in s["attention_by_launch"]:
+        print(f"   attention {k['ms']:8.1f} ms {k['count']:6d}x {k['launch']}", flush=True)
     for k in s["top_kernels"][:10]:
         print(f"   {k['ms']:8.1f} ms {k['count']:6d}x {k['name']}", flush=True)
 json.dump(res, open(OUT / f"profile_{model}.json", "w"), indent=1)

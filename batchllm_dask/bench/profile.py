@@ -8,7 +8,8 @@ the kernel timeline of the exported trace:
 
 - busy share: the union of the kernels' intervals over the wall time of the
   call (the GPU is "busy" when any kernel runs);
-- kernel classes: matrix products (cuBLAS/cuTLASS), our attention, our fused
+- kernel classes: matrix products (cuBLAS/cuTLASS), our attention (also per launch shape: its
+  tile classes run as launches with different threads per block), our fused
   elementwise ops, sampling and the rest, by total kernel time;
 - per step (when the engine marks its steps with `record_function("engine.step")`
   and its phases with names under "engine."): host milliseconds per phase.
@@ -83,11 +84,16 @@ def summarize_trace(events: list[dict], wall_us: float) -> dict[str, Any]:
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
     by_class: dict[str, float] = defaultdict(float)
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    by_launch: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in kernels:
         by_class[kernel_class(e["name"])] += e["dur"]
         entry = by_name[e["name"][:90]]
         entry[0] += e["dur"]
         entry[1] += 1
+        if kernel_class(e["name"]) == "attention":  # the tile classes' launches differ in their blocks' threads
+            entry = by_launch[f'{e["name"][:40]} block {e.get("args", {}).get("block", "?")}']
+            entry[0] += e["dur"]
+            entry[1] += 1
     phases: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.get("ph") == "X" and e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("engine."):
@@ -103,6 +109,8 @@ def summarize_trace(events: list[dict], wall_us: float) -> dict[str, Any]:
         "kernels": len(kernels),
         "kernel_ms_by_class": {k: v / 1e3 for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n, "ms": t / 1e3, "count": c} for n, (t, c) in top],
+        "attention_by_launch": [{"launch": n, "ms": t / 1e3, "count": c}
+                                for n, (t, c) in sorted(by_launch.items(), key=lambda kv: -kv[1][0])],
         "host_ms_by_phase": {k: {"ms": v[0] / 1e3, "count": v[1]} for k, v in sorted(phases.items())},
     }
 
