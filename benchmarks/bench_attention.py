@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -205,7 +206,7 @@ def sdpa_same_shapes(chunks: int, chunk: int, prefix: int, decodes: int, hq: int
 def bench_prefill(out_dir: str) -> None:
     """Each 128-row big-tile config, and the 64-row big tiles of decode plans, on mixed steps at llama-8b
     (head_dim 128) and llama-1b (64) head shapes, against FlashAttention (SDPA) on the same prefill work."""
-    results = []
+    results, engine_configs = [], dict(prefix_attention.BIG_TILE_CONFIGS)
     for hq, hkv, d in ((32, 8, 128), (32, 8, 64)):
         for name, shape in PREFILL_SHAPES.items():
             q, k, v, work, flops = make_mixed_step(*shape, hq, hkv, d)
@@ -213,17 +214,20 @@ def bench_prefill(out_dir: str) -> None:
                 if shape[0] * shape[1] <= 2600 else None
             out = torch.empty_like(q)
             row = {"head_dim": d, "shape": name, "gflop": flops / 1e9}
-            for bn, warps, stages in PREFILL_CONFIGS:
+            for (bn, warps, stages), split_masked in itertools.product(PREFILL_CONFIGS, (True, False)):
                 prefix_attention.BIG_TILE_CONFIGS[d] = prefix_attention.TileConfig(bn, warps, stages)
+                prefix_attention.SPLIT_MASKED = split_masked
                 _plan_for.__globals__["_plan_cache"].clear()
                 fused_paged_attention(q, k, v, work, d ** -0.5, out=out)
                 if ref is not None:
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    assert err < 2e-2, (name, bn, warps, stages, err)
+                    assert err < 2e-2, (name, bn, warps, stages, split_masked, err)
                 ms = do_bench(lambda q=q, k=k, v=v, w=work: fused_paged_attention(q, k, v, w, d ** -0.5, out=out),
                               return_mode="median")
-                row[f"split_n{bn}_w{warps}_s{stages}"] = ms
-            prefix_attention.BIG_TILE_CONFIGS.pop(d, None)
+                row[f"{'split' if split_masked else 'masked'}_n{bn}_w{warps}_s{stages}"] = ms
+            prefix_attention.SPLIT_MASKED = True
+            prefix_attention.BIG_TILE_CONFIGS.clear()
+            prefix_attention.BIG_TILE_CONFIGS.update(engine_configs)
             # the decode plans' 64-row big tiles (as a CUDA graph runs them), attached to a copy of the work
             mixed = dataclasses.replace(work)
             host = prefix_attention.host_plan(work, q.shape[0], hq, hkv, q.device, split=False)
@@ -237,10 +241,13 @@ def bench_prefill(out_dir: str) -> None:
             row["sdpa_tflops"] = sdpa_flops / row["sdpa_prefill_ms"] / 1e9
             best = min((k2 for k2 in row if k2.startswith("split")), key=lambda k2: row[k2])
             row["best"], row["best_tflops"] = best, flops / row[best] / 1e9
+            best_masked = min((k2 for k2 in row if k2.startswith("masked")), key=lambda k2: row[k2])
+            row["best_all_masked"], row["best_all_masked_tflops"] = best_masked, flops / row[best_masked] / 1e9
             results.append(row)
             print(f"d{d} {name}: " + ", ".join(f"{k2} {row[k2]:.3f}" for k2 in row if k2.endswith(("_s2", "_s3", "64"))
                                               or k2 == "sdpa_prefill_ms") +
-                  f"; best {best} {row['best_tflops']:.0f} TFLOP/s, SDPA {row['sdpa_tflops']:.0f} TFLOP/s", flush=True)
+                  f"; best {best} {row['best_tflops']:.0f} TFLOP/s (every block masked: {best_masked} "
+                  f"{row['best_all_masked_tflops']:.0f}), SDPA {row['sdpa_tflops']:.0f} TFLOP/s", flush=True)
             del q, k, v, work
             torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "bench_prefill_attention.json"), "w") as f:

@@ -37,7 +37,7 @@ DT = torch.bfloat16
 SHAPES = {"1b": 64, "8b": 128}  # head_dim
 
 BASE = dict(small=pa.SMALL_TILE, big64=pa.BIG_TILES[64], pps=ap.PROGRAMS_PER_SM, adjacent=pa.HEADS_ADJACENT,
-            exact=False)
+            exact=False, split_masked=pa.SPLIT_MASKED)
 T = pa.TileConfig
 VARIANTS = {
     "base": {},
@@ -53,6 +53,8 @@ VARIANTS = {
     # the step's exact grids (an eager plan, captured as it is) instead of a bucket's capacity grids: what the
     # fixed grid's idle programs cost
     "exact-grid": dict(exact=True), "tile-major-exact": dict(adjacent=False, exact=True),
+    # every key block masked (the kernel before 2026-12-04) against whole blocks unmasked
+    "all-masked": dict(split_masked=False),
 }
 
 
@@ -106,6 +108,7 @@ def set_variant(overrides: dict, head_dim: int) -> None:
     pa.BIG_TILES[64] = chosen["big64"]
     ap.PROGRAMS_PER_SM = chosen["pps"]
     pa.HEADS_ADJACENT = chosen["adjacent"]
+    pa.SPLIT_MASKED = chosen["split_masked"]
     return chosen
 
 

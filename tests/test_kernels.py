@@ -189,6 +189,22 @@ def test_both_program_orders_give_the_reference(heads_adjacent, monkeypatch):
     run_case(batch, num_kv_heads=3, group=2, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("split_masked", [True, False])
+def test_unmasked_whole_blocks_and_masked_ends_give_the_reference(split_masked, monkeypatch):
+    """Segments of several key blocks (64 keys each): long shared prefixes, chunks over earlier context whose
+    causal diagonal crosses blocks, a chunk starting at key 0, ragged decode suffixes, split-K pieces; the
+    kernel with its whole blocks unmasked and with every block masked both give the reference."""
+    monkeypatch.setattr(prefix_attention, "SPLIT_MASKED", split_masked)
+    monkeypatch.setattr(prefix_attention, "_num_sms", lambda device: 8)  # long segments split over programs
+    batch = Batch({0: 130, 1: 64, 2: 200},
+                  [Request([0, 1], 1, 129), Request([0, 1], 1, 64), Request([0, 1], 40, 200),
+                   Request([0], 1, 1), Request([2], 1, 65), Request([2], 1, 3),
+                   Request([], 70, 70), Request([], 33, 161), Request([], 1, 300)])
+    run_case(batch, monkeypatch=monkeypatch)
+    run_case(batch, num_kv_heads=1, group=8, head_dim=32, page_size=32, dtype=torch.float16,
+             monkeypatch=monkeypatch)
+
+
 def test_uncovered_rows_are_zero():
     """The reference gives 0 for a row no item covers; so does the kernel (empty items too)."""
     k = torch.randn(4, 16, 1, 64, device=DEVICE)

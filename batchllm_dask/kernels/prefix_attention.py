@@ -8,7 +8,9 @@ into tiles; one program computes one tile for one KV head:
   KV head (GQA, any ratio), so a prefix group's decode queries are one `tl.dot`
   operand and the prefix KV is read once per group, on the tensor cores;
 * it walks its keys BLOCK_N at a time through the page table (any power-of-two
-  page size), with the online softmax of flash attention in base 2;
+  page size), with the online softmax of flash attention in base 2; the blocks
+  that every row of the tile sees whole run without masks, the last ones (the
+  segment's ragged end, the causal diagonal) with them (SPLIT_MASKED);
 * a tile whose rows it alone covers writes the output; any other writes its
   normalised partial and log-sum-exp to a scratch row.
 
@@ -81,6 +83,11 @@ BIG_TILE_CONFIGS: dict[int, TileConfig] = {}
 # another, the order before 2026-12-03 (benchmarks/decode_attention_sweep.py compares both).
 HEADS_ADJACENT = True
 
+# Masks only where a block needs them: a tile's whole blocks of keys that every row sees run without bounds checks
+# or causal masks, its last blocks (the ragged end, the causal diagonal) with them, as flash attention does.
+# False: every block masked, the kernel before 2026-12-04 (bench_attention.py --prefill compares both).
+SPLIT_MASKED = True
+
 
 def small_tile_config(head_dim: int) -> TileConfig:
     return SMALL_TILE_CONFIGS.get(head_dim, SMALL_TILE)
@@ -95,25 +102,58 @@ def big_tile_config(head_dim: int, big_m: int = 128) -> TileConfig:
 @triton.jit
 def _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift, local_row, acc, l_i, m_i,
                   qk_scale, stride_kp, stride_kt, stride_vp, stride_vt, PAGE_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One step of the online softmax: keys [start, start + BLOCK_N) of the segment, through the page table."""
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the online softmax: keys [start, start + BLOCK_N) of the segment, through the page table.
+
+    MASKED: the block may hold keys past the segment's end or past a row's causal limit, so its loads are
+    bounded and its scores masked; an unmasked block (every key visible to every row) skips both."""
     offs_kv = start + tl.arange(0, BLOCK_N)
-    mask_n = offs_kv < kv_end
-    page = tl.load(Page_ids + page_start + offs_kv // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
     slot = offs_kv % PAGE_SIZE
-    k = tl.load(k_base + (page * stride_kp + slot * stride_kt)[:, None], mask=mask_n[:, None], other=0.0)
+    if MASKED:
+        mask_n = offs_kv < kv_end
+        page = tl.load(Page_ids + page_start + offs_kv // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(k_base + (page * stride_kp + slot * stride_kt)[:, None], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None], mask=mask_n[:, None], other=0.0)
+    else:
+        page = tl.load(Page_ids + page_start + offs_kv // PAGE_SIZE).to(tl.int64)
+        k = tl.load(k_base + (page * stride_kp + slot * stride_kt)[:, None])
+        v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None])
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    visible = mask_n[None, :]
-    if CAUSAL:
-        visible = visible & (offs_kv[None, :] <= causal_shift + local_row[:, None])
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+    if MASKED:
+        visible = mask_n[None, :]
+        if CAUSAL:
+            visible = visible & (offs_kv[None, :] <= causal_shift + local_row[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_base = m_new
     p = tl.math.exp2(s - m_base[:, None])
     alpha = tl.math.exp2(m_i - m_base)
-    v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None], mask=mask_n[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _attend_range(q, k_base, v_base, Page_ids, page_start, lo, hi, kv_end, causal_shift, local_row, acc, l_i, m_i,
+                  qk_scale, stride_kp, stride_kt, stride_vp, stride_vt, PAGE_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """The blocks starting in [lo, hi), BLOCK_N keys apart."""
+    if INTERPRET:  # the interpreter cannot range() over loaded scalars (numpy >= 2)
+        start = lo
+        while start < hi:
+            acc, l_i, m_i = _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift,
+                                          local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt, stride_vp,
+                                          stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, MASKED)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift,
+                                          local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt, stride_vp,
+                                          stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, MASKED)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -122,7 +162,8 @@ def _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids,
                  stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                  stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                 SPLIT_MASKED: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     local_row = offs_m // GROUP  # packed row m = (query row, query head of this KV head)
@@ -136,18 +177,22 @@ def _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K_cache + kv_head * stride_kh + offs_d[None, :]
     v_base = V_cache + kv_head * stride_vh + offs_d[None, :]
-    if INTERPRET:  # the interpreter cannot range() over loaded scalars (numpy >= 2)
-        start = kv_start
-        while start < kv_end:
-            acc, l_i, m_i = _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift,
-                                          local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt, stride_vp,
-                                          stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION)
-            start += BLOCK_N
+    # Keys up to the first row's causal limit are visible to every row of the tile: whole blocks of them run
+    # unmasked (SPLIT_MASKED), the rest (the segment's ragged end, the causal diagonal) masked.
+    if SPLIT_MASKED:
+        full_end = kv_end
+        if CAUSAL:
+            full_end = tl.minimum(kv_end, causal_shift + 1)
+        full_end = kv_start + tl.maximum(full_end - kv_start, 0) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attend_range(q, k_base, v_base, Page_ids, page_start, kv_start, full_end, kv_end,
+                                      causal_shift, local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt,
+                                      stride_vp, stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, False,
+                                      INTERPRET)
     else:
-        for start in range(kv_start, kv_end, BLOCK_N):
-            acc, l_i, m_i = _attend_block(q, k_base, v_base, Page_ids, page_start, start, kv_end, causal_shift,
-                                          local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt, stride_vp,
-                                          stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION)
+        full_end = kv_start
+    acc, l_i, m_i = _attend_range(q, k_base, v_base, Page_ids, page_start, full_end, kv_end, kv_end,
+                                  causal_shift, local_row, acc, l_i, m_i, qk_scale, stride_kp, stride_kt,
+                                  stride_vp, stride_vt, PAGE_SIZE, BLOCK_N, CAUSAL, DOT_PRECISION, True, INTERPRET)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -169,7 +214,7 @@ def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                   SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-                  TILE_CLASS: tl.constexpr):
+                  TILE_CLASS: tl.constexpr, SPLIT_MASKED: tl.constexpr):
     """One tile of the table for one KV head: its fields, then the big (TILE_CLASS 2) or small (1) tile function."""
     row0 = tl.load(tile + 0)
     n_rows = tl.load(tile + 1)
@@ -183,13 +228,13 @@ def _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv
                      causal_shift, page_start, part_base, kv_head, qk_scale,
                      stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                      stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, PAGE_SIZE, BIG_M, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET)
+                     GROUP, HEAD_DIM, PAGE_SIZE, BIG_M, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, SPLIT_MASKED)
     else:
         _attend_tile(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, row0, n_rows, kv_start, kv_end,
                      causal_shift, page_start, part_base, kv_head, qk_scale,
                      stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                      stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
-                     GROUP, HEAD_DIM, PAGE_SIZE, SMALL_M, SMALL_N, CAUSAL, DOT_PRECISION, INTERPRET)
+                     GROUP, HEAD_DIM, PAGE_SIZE, SMALL_M, SMALL_N, CAUSAL, DOT_PRECISION, INTERPRET, SPLIT_MASKED)
 
 
 @triton.jit
@@ -200,7 +245,7 @@ def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids
                             SMALL_M: tl.constexpr, BIG_M: tl.constexpr, SMALL_N: tl.constexpr, BIG_N: tl.constexpr,
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_FIELDS: tl.constexpr,
                             FIXED_GRID: tl.constexpr, INTERPRET: tl.constexpr, TILE_CLASS: tl.constexpr,
-                            NUM_KV_HEADS: tl.constexpr, HEADS_ADJACENT: tl.constexpr):
+                            NUM_KV_HEADS: tl.constexpr, HEADS_ADJACENT: tl.constexpr, SPLIT_MASKED: tl.constexpr):
     """Grid: (tiles of one class) x (KV heads) programs.  HEADS_ADJACENT: a 1-D grid whose index runs over the KV
     heads fastest, so the programs of one tile's heads run side by side and read its pages' K and V rows, which
     hold all heads contiguously, together; else a 2-D grid (tile, head), one head's tiles after another.
@@ -226,13 +271,15 @@ def _paged_attention_kernel(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids
             _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
                           stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                           stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
-                          SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS)
+                          SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS,
+                          SPLIT_MASKED)
     else:
         tile = Tiles + local_idx * TILE_FIELDS
         _tile_program(Q, K_cache, V_cache, Out, Part_o, Part_lse, Page_ids, tile, kv_head, qk_scale,
                       stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                       stride_ot, stride_oh, stride_pp, stride_ph, stride_lp, GROUP, HEAD_DIM, PAGE_SIZE,
-                      SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS)
+                      SMALL_M, BIG_M, SMALL_N, BIG_N, CAUSAL, DOT_PRECISION, INTERPRET, TILE_CLASS,
+                          SPLIT_MASKED)
 
 
 @triton.jit
@@ -406,7 +453,7 @@ def _tile_launch(q, k_cache, v_cache, work, sm_scale, out, part_o, part_lse, pla
         BIG_M=plan.big_m, SMALL_N=block_n, BIG_N=block_n, CAUSAL=plan.has_causal,
         DOT_PRECISION="ieee" if fp32 else "tf32", TILE_FIELDS=ap.TILE_FIELDS, FIXED_GRID=fixed,
         INTERPRET=_interpreting(), TILE_CLASS=tile_class, NUM_KV_HEADS=num_kv_heads, HEADS_ADJACENT=HEADS_ADJACENT,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        SPLIT_MASKED=SPLIT_MASKED, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 _warned_fallback: set = set()
