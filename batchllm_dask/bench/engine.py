@@ -152,13 +152,20 @@ def run_full(engine: Engine, args, shape: ModelShape, ceilings, workloads: list[
     return runs, tokens
 
 
+def _ablation_scale(args, name: str) -> float:
+    return args.torch_attention_scale if name == "torch-attention" else args.ablation_scale
+
+
 def run_ablations(path: Path, args, shape: ModelShape, ceilings, base_options: dict, workloads: list[str],
-                  full_tokens: dict, full_engine: Engine) -> list[Run]:
+                  full_tokens: dict, full_engine: Engine | None, pool_bytes: int) -> list[Run]:
+    """Each ablation on every workload, its tokens compared with the full engine's.  `full_engine` is None when
+    the full engine's runs already cover the ablations' scales (it was freed, so the ablation has the same pool
+    without sharing the device with it); else it runs the missing scales beside the ablation."""
     from .hf_anchor import agreement
     runs = []
     for name in args.ablations:
-        scale = args.torch_attention_scale if name == "torch-attention" else args.ablation_scale
-        engine = _ablation_engine(path, {**base_options, **ABLATIONS[name]}, full_engine.kv_cache_bytes)
+        scale = _ablation_scale(args, name)
+        engine = _ablation_engine(path, {**base_options, **ABLATIONS[name]}, pool_bytes)
         warm_up(engine, shape.vocab)
         for workload in workloads:
             reqs = make_workload(workload, shape.vocab, scale)
@@ -276,7 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reqs = make_workload(args.profile, shape.vocab, args.busy_scale)
         print_report(profile_generate(engine, [r.prompt_token_ids for r in reqs], params_of(reqs), args.out,
                                       f"{args.model}_{args.profile}"))
-    runs += run_ablations(path, args, shape, ceilings, base_options, args.workloads, full_tokens, engine)
+    pool_bytes = engine.kv_cache_bytes
+    if all(_ablation_scale(args, name) in args.scales for name in args.ablations):
+        del engine  # the full engine's tokens are known: each ablation gets the device with the same KV pool
+        free_memory()
+        engine = None
+    runs += run_ablations(path, args, shape, ceilings, base_options, args.workloads, full_tokens, engine, pool_bytes)
     del engine
     free_memory()
     if args.kv_gib:
