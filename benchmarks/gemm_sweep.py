@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from batchllm_dask.bench.hf_anchor import ceilings  # the bf16 product's FLOP/s and the copy's bytes/s
 from batchllm_dask.roofline import SHAPES
 
 
@@ -29,17 +30,6 @@ def layer_products(shape) -> dict[str, tuple[int, int]]:
     kv = shape.kv_heads * shape.head_dim
     return {"qkv": (q + 2 * kv, shape.hidden), "o": (shape.hidden, q),
             "gate_up": (2 * shape.intermediate, shape.hidden), "down": (shape.hidden, shape.intermediate)}
-
-
-def ceilings() -> tuple[float, float]:
-    """A large bf16 product's FLOP/s and a device copy's bytes/s (read plus written), measured here."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ a, warmup=25, rep=200, return_mode="median")
-    flops = 2 * 8192 ** 3 / (ms * 1e-3)
-    src = torch.randn(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return flops, 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def time_layer(weights: dict[str, torch.Tensor], rows: int) -> dict[str, float]:
