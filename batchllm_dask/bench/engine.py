@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import torch
 
 from ..engine import Engine, SamplingParams
 from ..roofline import SHAPES, ModelShape, lower_bound
-from .cuda import free_memory, synchronize
+from .cuda import free_memory, release_report, synchronize
 from .workloads import WORKLOADS, make_workload, summary
 
 ABLATIONS = {  # name -> engine options that take one technique away
@@ -188,8 +189,10 @@ def _ablation_engine(path: Path, options: dict, pool_bytes: int) -> Engine:
     does not fit, the memory left, said (on a large model, give both less: --option kv_cache_fraction=0.4)."""
     try:
         return Engine(path, **{"kv_cache_bytes": pool_bytes, **options})
-    except torch.OutOfMemoryError:
-        free_memory()
+    except torch.OutOfMemoryError as error:
+        print(f"note: an engine with the full engine's KV pool ran out of memory: {str(error).splitlines()[0]}",
+              flush=True)
+    free_memory()  # here, not in the except block: its traceback holds the half-built engine's tensors
     engine = Engine(path, **options)
     print(f"note: the full engine's KV pool does not fit beside it: this ablation has {engine.num_kv_pages} pages, "
           f"{engine.kv_cache_bytes / 2**30:.1f} GiB against {pool_bytes / 2**30:.1f}", flush=True)
@@ -285,8 +288,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       f"{args.model}_{args.profile}"))
     pool_bytes = engine.kv_cache_bytes
     if all(_ablation_scale(args, name) in args.scales for name in args.ablations):
+        dropped = weakref.ref(engine)
         del engine  # the full engine's tokens are known: each ablation gets the device with the same KV pool
         free_memory()
+        print(f"full engine dropped: {release_report(dropped)}", flush=True)
         engine = None
     runs += run_ablations(path, args, shape, ceilings, base_options, args.workloads, full_tokens, engine, pool_bytes)
     del engine

@@ -100,6 +100,9 @@ def summarize_trace(events: list[dict], wall_us: float) -> dict[str, Any]:
             phases[e["name"]][0] += e["dur"]
             phases[e["name"]][1] += 1
     span = (min(s for s, _ in intervals), max(t for _, t in intervals)) if intervals else (0.0, 0.0)
+    timed = [e for e in events if e.get("ph") == "X" and "ts" in e]
+    start = min((e["ts"] for e in timed), default=span[0])
+    end = max((e["ts"] + e.get("dur", 0) for e in timed), default=span[1])
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
     return {
         "wall_ms": wall_us / 1e3,
@@ -111,8 +114,27 @@ def summarize_trace(events: list[dict], wall_us: float) -> dict[str, Any]:
         "top_kernels": [{"name": n, "ms": t / 1e3, "count": c} for n, (t, c) in top],
         "attention_by_launch": [{"launch": n, "ms": t / 1e3, "count": c}
                                 for n, (t, c) in sorted(by_launch.items(), key=lambda kv: -kv[1][0])],
+        "gpu_idle_ms": idle_breakdown(intervals, start, end),
         "host_ms_by_phase": {k: {"ms": v[0] / 1e3, "count": v[1]} for k, v in sorted(phases.items())},
     }
+
+
+def idle_breakdown(intervals: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
+    """Where the GPU waits (ms), from kernel intervals in microseconds: before the first kernel (the host's
+    setup: prompt checks, the prefix plan), after the last (the completions), and the gaps between, by length
+    (short ones are launch latency; long ones, a host that fell behind)."""
+    if not intervals:
+        return {}
+    ordered = sorted(intervals)
+    gaps = {"under 0.1 ms": 0.0, "0.1-1 ms": 0.0, "over 1 ms": 0.0}
+    reach = ordered[0][1]
+    for s, t in ordered[1:]:
+        if s > reach:
+            gap = s - reach
+            gaps["under 0.1 ms" if gap < 100 else "0.1-1 ms" if gap < 1000 else "over 1 ms"] += gap / 1e3
+        reach = max(reach, t)
+    return {"before first kernel": max(0.0, ordered[0][0] - start) / 1e3,
+            "after last kernel": max(0.0, end - reach) / 1e3, **{f"gaps {k}": v for k, v in gaps.items()}}
 
 
 def profile_generate(engine: Any, prompts: list, params: Any, out_dir: str | os.PathLike, name: str,
@@ -155,5 +177,8 @@ def print_report(report: dict) -> None:
           flush=True)
     for k in report["top_kernels"][:12]:
         print(f"    {k['ms']:8.1f} ms {k['count']:6d}x  {k['name']}", flush=True)
+    idle = report.get("gpu_idle_ms", {})
+    if idle:
+        print("    GPU idle ms: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()), flush=True)
     for phase, v in report["host_ms_by_phase"].items():
         print(f"    host {phase}: {v['ms']:.0f} ms over {v['count']}", flush=True)

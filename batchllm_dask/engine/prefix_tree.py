@@ -151,7 +151,7 @@ def build_prefix_plan(prompts: Sequence[Sequence[int]], min_shared_tokens: int =
         if (count - 1) * (iv.depth - start) < min_shared_tokens:
             continue
         iv.chosen_id = len(prefixes)
-        tokens = tuple(int(t) for t in sorted_keys[iv.lo][start:iv.depth])
+        tokens = tuple(sorted_keys[iv.lo][start:iv.depth].tolist())  # Python ints, in one C call
         prefixes.append(SharedPrefix(iv.chosen_id, anchor.chosen_id if anchor else None, start, tokens, count))
         spans.append((iv.lo, iv.hi))
     # Pre-order: a deeper chosen prefix overwrites its ancestors for the requests below it.
