@@ -11,6 +11,7 @@ import torch
 
 import random
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -213,6 +214,29 @@ def test_uncovered_rows_are_zero():
     out = fused_paged_attention(q, k, k, work, 0.1, out=torch.full_like(q, float("nan")))
     ref = paged_attention_reference(q, k, k, work, 0.1)
     torch.testing.assert_close(out, ref)
+
+
+def test_plans_do_not_outlive_their_work_lists():
+    """The launcher's plan caches drop a plan (its device tensors) when its work list dies: a plan left behind
+    would keep the allocator segment it was carved from, a dropped engine's KV cache among them."""
+    import gc
+    k = torch.randn(4, 16, 1, 64, device=DEVICE)
+    q = torch.randn(3, 2, 64, device=DEVICE)
+    planned = AttentionWork.from_lists([0, 2], [1, 1], [5, 3], [0, 0], [[1], [2]], device=DEVICE)
+    fused_paged_attention(q, k, k, planned, 0.1)  # planned here, cached as the last work list
+    attached = AttentionWork.from_lists([0], [3], [20], [0], [[3, 1]], device=DEVICE)
+    prefix_attention.attach_plan(attached, prefix_attention._plan_for(planned, q, 1))
+    plan = weakref.ref(prefix_attention._plan_cache["last"][2])
+    assert prefix_attention._bound_plans[id(attached)][0]() is attached
+    other = AttentionWork.from_lists([0], [1], [4], [0], [[0]], device=DEVICE)
+    prefix_attention.attach_plan(other, "another plan")
+    del planned, attached
+    gc.collect()
+    assert "last" not in prefix_attention._plan_cache and plan() is None
+    assert set(prefix_attention._bound_plans) == {id(other)}  # the live work list keeps its plan
+    del other
+    gc.collect()
+    assert not prefix_attention._bound_plans
 
 
 def test_other_head_dims_fall_back_with_one_warning():

@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -342,8 +343,20 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-_plan_cache: dict = {}  # the last work list seen and its plan: every layer of a step shares it
-_bound_plans: dict = {}  # id(work) -> (weakref to work, fixed-grid plan): see bind_plan
+# Both hold a plan (device tensors) only while its work list lives: a weak reference's callback drops the entry
+# when the work dies.  An entry left behind would keep its tensors, and with them the whole allocator segment they
+# were carved from: on an H200 a dropped engine's 58 GiB K cache stayed reserved that way (2026-12-04).
+_plan_cache: dict = {}  # "last" -> (weakref to the last work list seen, key, plan): every layer of a step shares it
+_bound_plans: dict = {}  # id(work) -> (weakref to work, plan): see bind_plan and attach_plan
+
+
+def _forget(table: dict, key) -> Callable[[weakref.ref], None]:
+    """A weakref callback that removes table[key] if it still belongs to the reference that died."""
+    def callback(ref: weakref.ref) -> None:
+        entry = table.get(key)
+        if entry is not None and entry[0] is ref:
+            del table[key]
+    return callback
 
 
 def host_plan(work: AttentionWork, num_rows: int, num_heads: int, num_kv_heads: int,
@@ -384,9 +397,7 @@ def bind_plan(work: AttentionWork, plan: ap.AttentionPlan) -> None:
 def attach_plan(work: AttentionWork, plan: ap.AttentionPlan) -> None:
     """Launch `work` with `plan`, made by the caller (the engine plans each step on the host and sends the
     plan with the step's other inputs in one copy), instead of planning it here.  Lasts while `work` lives."""
-    for key in [k for k, (ref, _) in _bound_plans.items() if ref() is None]:
-        del _bound_plans[key]
-    _bound_plans[id(work)] = (weakref.ref(work), plan)
+    _bound_plans[id(work)] = (weakref.ref(work, _forget(_bound_plans, id(work))), plan)
 
 
 def _plan_for(work: AttentionWork, q: torch.Tensor, num_kv_heads: int) -> ap.AttentionPlan:
@@ -399,7 +410,7 @@ def _plan_for(work: AttentionWork, q: torch.Tensor, num_kv_heads: int) -> ap.Att
         return cached[2]
     plan = ap.build_plan(work, q.shape[0], q.shape[1] // num_kv_heads, num_kv_heads, _num_sms(q.device),
                          _BLOCK_N, q.device, ap.SPLIT_BIG_M)
-    _plan_cache["last"] = (weakref.ref(work), key, plan)
+    _plan_cache["last"] = (weakref.ref(work, _forget(_plan_cache, "last")), key, plan)
     return plan
 
 
