@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-jump-forward", action="store_true", help="decode forced tokens one a step (the ablation)")
     ap.add_argument("--no-mixed-graphs", action="store_true",
                     help="steps with prefill chunks (jump-forward's runs) eager: the mixed-graphs ablation")
+    ap.add_argument("--no-reuse-by-state", action="store_true",
+                    help="every row's mask and forced run computed anew, none shared by grammar state (ablation)")
+    ap.add_argument("--no-parallel-accept", action="store_true",
+                    help="tokens accepted one row after another, not through the executor's threads (ablation)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                     jump_forward=not args.no_jump_forward,
                     **({"cuda_graph_max_tokens": 0} if args.no_mixed_graphs else {}),
                     **({"kv_cache_bytes": 64 << 20} if args.tiny else {}))
+    engine.grammars.reuse_by_state = not args.no_reuse_by_state
+    engine.grammars.parallel_accept = engine.grammars.parallel_accept and not args.no_parallel_accept
     with GrammarTimer() as timer:
         start = time.perf_counter()  # warm-up; the first constrained call builds the grammar's tokenizer
         engine.generate(prompts[:64], SamplingParams(max_tokens=8, temperature=0.0, json_schema=schema))
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(r["throughput_ratio"] for r in rows)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "vocab_tokens": len(engine.tokenizer)}
-    suffix = ("_no-jump-forward" if args.no_jump_forward else "") + ("_no-mixed-graphs" if args.no_mixed_graphs else "")
+    suffix = "".join(f"_{flag}" for flag in ("no-jump-forward", "no-mixed-graphs", "no-reuse-by-state",
+                                              "no-parallel-accept") if getattr(args, flag.replace("-", "_")))
     out = Path(args.out) / f"bench_structured_{args.model}_{args.schema}{suffix}.json"
     out.write_text(json.dumps({**env, "args": vars(args), "schema": schema, "rows": rows,
                                "median_throughput_ratio": ratio}, indent=1))
