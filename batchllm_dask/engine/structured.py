@@ -47,7 +47,6 @@ discard.  Prefix sharing is untouched: masks apply to generated tokens only.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,9 +68,12 @@ class GrammarCompiler:
         self.pin_memory = torch.device(device).type == "cuda"
         self._tokenizer: Any = None
         self._executor: Any = None
-        # consume_token costs ~3 us a row; the thread pool adds ~1 us a row of argument handling and a fixed
-        # wake-up, so it pays only with several cores and many rows (benchmarks/structured_masks_accept.py)
-        self.parallel_accept = _cores() >= PARALLEL_ACCEPT_MIN_CORES
+        # Accept tokens through the executor's thread pool (64+ rows)?  Off: on the H200's host (16 cores), llama-1b
+        # with the review schema, one row after another took 0.16 s against 0.22 s and the constrained run 6.2 s
+        # against 7.0 s, its masks included (benchmarks/gpu_structured_reuse.sh, 2026-12-04): the pool's wake-up
+        # slows the mask pass after it.  The 2-core CPU measurement that chose it (structured_masks_accept.py) had
+        # no GPU run beside it.
+        self.parallel_accept = False
         self.reuse_by_state = True  # off: every row's mask and forced tokens computed anew (the reference, in tests)
         self._templates: dict[str, Any] = {}
 
@@ -110,15 +112,6 @@ class GrammarCompiler:
 
 
 PARALLEL_ACCEPT_MIN_ROWS = 64
-PARALLEL_ACCEPT_MIN_CORES = 4
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
 
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
     from transformers import PreTrainedTokenizerFast
@@ -279,8 +272,8 @@ class GrammarMatchers:
         """Advance each constrained request's grammar by its token; the ids whose grammar has ended.
 
         A token the grammar refuses (one sampled without its mask) ends the grammar too.  The rows that are
-        not pre-accepted consume their tokens through the executor's thread pool (a few us each, in parallel,
-        the GIL released) when there are enough of them and of cores, else one by one.
+        not pre-accepted consume their tokens one by one (a few us each), or through the executor's thread pool
+        where `parallel_accept` is set and there are enough of them (measured slower on the H200: see __init__).
         """
         ended: dict[int, bool] = {}  # request id -> ended, in row order
         consumed = []  # (request id, matcher, token) for the rows the grammar must advance
