@@ -74,6 +74,27 @@ def test_parallel_accept_ends_the_same_requests_and_leaves_the_same_masks(tokeni
     assert steps > 3 and calls and min(calls) >= PARALLEL_ACCEPT_MIN_ROWS  # the parallel path did run
 
 
+def test_lexer_copies_give_the_masks_of_one_lexer(tokenizer):
+    """Requests spread over three compiled copies of each grammar (each with a lexer of its own), their rows
+    handed to the executor grouped by copy, get the masks and ends of requests that all share one lexer."""
+    params = params_of(REQUESTS)
+    shared = compiler_of(tokenizer, lexer_copies=1)
+    spread = compiler_of(tokenizer, lexer_copies=3, threads=3)
+    one, three = shared.start(params), spread.start(params)
+    template = spread._templates[next(iter(spread._templates))]
+    assert len({id(m) for m in template.copies}) == 3
+    rng, alive = random.Random(1), list(params)
+    while alive:
+        masks = one.fill_mask(alive), three.fill_mask(alive)
+        assert torch.equal(*masks)
+        tokens = [rng.choice(allowed(masks[0][row])) for row in range(len(alive))]
+        ended = one.accept(alive, tokens)
+        assert three.accept(alive, tokens) == ended
+        alive = [rid for rid in alive if rid not in set(ended)]
+    schema_rows = [rid for rid in params if rid % 3 == 0]  # the schema's requests: every third id
+    assert sorted(three._copy_of[rid] for rid in schema_rows[:6]) == [0, 0, 1, 1, 2, 2]  # they take turns
+
+
 # --------------------------------------------------------------------------- forced runs reused by state
 
 REVIEWISH = {"type": "object", "properties": {

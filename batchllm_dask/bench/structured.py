@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="every row's mask and forced run computed anew, none shared by grammar state (ablation)")
     ap.add_argument("--parallel-accept", action="store_true",
                     help="tokens accepted through the executor's threads (64+ rows), not one row after another")
+    ap.add_argument("--lexer-copies", type=int, default=0,
+                    help="compiled copies of the grammar (0: one per mask thread, the default; 1: every request's "
+                         "matcher shares one lexer, as before)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                     **({"kv_cache_bytes": 64 << 20} if args.tiny else {}))
     engine.grammars.reuse_by_state = not args.no_reuse_by_state
     engine.grammars.parallel_accept = args.parallel_accept
+    if args.lexer_copies:
+        engine.grammars.lexer_copies = args.lexer_copies
     with GrammarTimer() as timer:
         start = time.perf_counter()  # warm-up; the first constrained call builds the grammar's tokenizer
         engine.generate(prompts[:64], SamplingParams(max_tokens=8, temperature=0.0, json_schema=schema))
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
            "date": time.strftime("%Y-%m-%d"), "vocab_tokens": len(engine.tokenizer)}
     suffix = "".join(f"_{flag}" for flag in ("no-jump-forward", "no-mixed-graphs", "no-reuse-by-state",
                                               "parallel-accept") if getattr(args, flag.replace("-", "_")))
+    suffix += f"_lexer-copies{args.lexer_copies}" if args.lexer_copies else ""
     out = Path(args.out) / f"bench_structured_{args.model}_{args.schema}{suffix}.json"
     out.write_text(json.dumps({**env, "args": vars(args), "schema": schema, "rows": rows,
                                "median_throughput_ratio": ratio}, indent=1))

@@ -8,8 +8,8 @@ preprocessing (per distinct schema or choice list); and its wheel needs nothing 
 brings pydantic and apache-tvm-ffi).  Its tokenizer takes longer to build (1.8 s against 0.6 s),
 once per engine.  On the 259-token byte tokenizer both are well under a millisecond.  Per engine, a `GrammarCompiler` holds the tokenizer as llguidance sees it (built on
 first use, about 2 s for a 128k vocabulary, never for an engine without constraints), one
-compiled matcher per distinct grammar that each request copies (~15 us), and a thread pool
-that computes masks.  Per `generate` call, `GrammarMatchers` keeps one matcher per
+compiled matcher per distinct grammar and mask thread (`GrammarTemplate`: copies share a lexer and its
+lock), which requests copy (~15 us), and a thread pool that computes masks.  Per `generate` call, `GrammarMatchers` keeps one matcher per
 constrained request, keyed by request id:
 
     matchers = compiler.start({request_id: params})   # None when no request is constrained
@@ -47,7 +47,9 @@ discard.  Prefix sharing is untouched: masks apply to generated tokens only.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,7 +77,9 @@ class GrammarCompiler:
         # no GPU run beside it.
         self.parallel_accept = False
         self.reuse_by_state = True  # off: every row's mask and forced tokens computed anew (the reference, in tests)
-        self._templates: dict[str, Any] = {}
+        self.threads = mask_threads()
+        self.lexer_copies = self.threads  # compiled copies per grammar (GrammarTemplate); 1: the old way, for bench
+        self._templates: dict[str, GrammarTemplate] = {}
 
     def start(self, params: Mapping[int, SamplingParams]) -> "GrammarMatchers | None":
         """Matchers for the constrained requests among `params` (request id -> params); None if there are none.
@@ -98,20 +102,51 @@ class GrammarCompiler:
     def executor(self) -> Any:
         if self._executor is None:
             import llguidance
-            self._executor = llguidance.LLExecutor()
+            self._executor = llguidance.LLExecutor(num_threads=self.threads)
         return self._executor
 
-    def _template(self, grammar: str) -> Any:
+    def _template(self, grammar: str) -> "GrammarTemplate":
         if grammar not in self._templates:
             import llguidance
-            matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-            if matcher.is_error():
-                raise ValueError(f"constraint: the grammar does not build for this tokenizer: {matcher.get_error()}")
-            self._templates[grammar] = matcher
+            copies = []
+            for _ in range(max(1, self.lexer_copies)):  # compiled apart: each has a lexer (and its lock) of its own
+                matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+                if matcher.is_error():
+                    raise ValueError(f"constraint: the grammar does not build for this tokenizer: "
+                                     f"{matcher.get_error()}")
+                copies.append(matcher)
+            self._templates[grammar] = GrammarTemplate(tuple(copies))
         return self._templates[grammar]
 
 
+@dataclass(frozen=True, eq=False)
+class GrammarTemplate:
+    """One grammar compiled once per mask thread.
+
+    llguidance's `deep_copy` of a matcher shares the original's lexer, behind one lock (its `Parser` holds the
+    lexer in an `Arc<Mutex<..>>` that `clone` shares), so the masks of requests copied from one matcher are
+    computed one at a time whatever the thread count: on 2 CPU cores, 64 rows of bench.structured's review
+    schema took the same time a step with 1 thread and with 2 (3.4 and 3.2 ms), and 1.7x less with 2 threads
+    once the rows had lexers of their own.  So the requests of a grammar copy its `copies` in turn (the n-th
+    request the n-th modulo their count), and a step hands the executor its rows grouped by copy: each thread's share of the rows then mostly
+    takes one lock.  The copies are the same grammar, so a state (a token history) has one mask whichever copy
+    computes it.
+    """
+
+    copies: tuple[Any, ...]
+
+
 PARALLEL_ACCEPT_MIN_ROWS = 64
+
+
+def mask_threads() -> int:
+    """The executor's threads: llguidance's own default (80% of the cores, at most 32), made explicit so that
+    each grammar gets as many compiled copies (`GrammarTemplate`)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(32, int(0.8 * cores)))
 
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
     from transformers import PreTrainedTokenizerFast
@@ -180,6 +215,8 @@ class GrammarMatchers:
         self._pre_accepted: dict[int, int] = {}  # request id -> the forced token its step in flight must sample
         self._histories = TokenHistories()
         self._nodes: dict[int, int] = {}  # request id -> its matcher's node in _histories
+        self._copy_of: dict[int, int] = {}  # request id -> the index of the grammar copy its matcher was copied from
+        self._turns: dict[int, int] = {}  # id(template) -> the copy index its latest request got
         self._forced_runs: dict[int, list[int]] = {}  # node -> the state's fast-forward tokens ([]: none)
         self._compiler = compiler
         self._buffers: list[torch.Tensor] = []
@@ -222,18 +259,20 @@ class GrammarMatchers:
         """(matcher, row) for the first row of each state among (request id, row) pairs; (its row, row) for the
         others (a mask is a function of the state: one per state)."""
         if not self._compiler.reuse_by_state:
-            return [(self._matcher(rid), row) for rid, row in pending], []
-        rows, copies, first = [], [], {}
-        for rid, row in pending:
-            matcher = self._matcher(rid)
-            node = self._nodes[rid]
-            source = first.get(node)
-            if source is None:
-                first[node] = row
-                rows.append((matcher, row))
-            else:
-                copies.append((source, row))
-        return rows, copies
+            rows, copies = [(rid, self._matcher(rid), row) for rid, row in pending], []
+        else:
+            rows, copies, first = [], [], {}
+            for rid, row in pending:
+                matcher = self._matcher(rid)
+                node = self._nodes[rid]
+                source = first.get(node)
+                if source is None:
+                    first[node] = row
+                    rows.append((rid, matcher, row))
+                else:
+                    copies.append((source, row))
+        copy_of = self._copy_of  # grouped by lexer copy (GrammarTemplate)
+        return [(matcher, row) for _, matcher, row in sorted(rows, key=lambda r: copy_of[r[0]])], copies
 
     def jump_forward(self, rows: Sequence[tuple[int, int, frozenset]]) -> dict[int, list[int]]:
         """Consume each request's forced run of tokens; the runs, by request id (see the module docstring).
@@ -302,6 +341,7 @@ class GrammarMatchers:
         for rid in request_ids:
             self._matchers.pop(rid, None)
             self._nodes.pop(rid, None)
+            self._copy_of.pop(rid, None)
             self._pre_accepted.pop(rid, None)
             self._released.add(rid)
 
@@ -309,7 +349,9 @@ class GrammarMatchers:
         matcher = self._matchers.get(request_id)
         if matcher is None:
             template = self._templates[request_id]
-            matcher = self._matchers[request_id] = template.deep_copy()
+            turn = self._turns[id(template)] = self._turns.get(id(template), -1) + 1
+            self._copy_of[request_id] = copy = turn % len(template.copies)
+            matcher = self._matchers[request_id] = template.copies[copy].deep_copy()
             self._nodes[request_id] = self._histories.root(template)
         return matcher
 
