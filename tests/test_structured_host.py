@@ -12,6 +12,7 @@ import torch
 
 from batchllm_dask.engine import SamplingParams
 from batchllm_dask.engine.default_model import build_tokenizer
+from batchllm_dask.engine import structured
 from batchllm_dask.engine.structured import PARALLEL_ACCEPT_MIN_ROWS, GrammarCompiler
 from _helpers import DATE, SCHEMA
 
@@ -74,9 +75,10 @@ def test_parallel_accept_ends_the_same_requests_and_leaves_the_same_masks(tokeni
     assert steps > 3 and calls and min(calls) >= PARALLEL_ACCEPT_MIN_ROWS  # the parallel path did run
 
 
-def test_lexer_copies_give_the_masks_of_one_lexer(tokenizer):
+def test_lexer_copies_give_the_masks_of_one_lexer(tokenizer, monkeypatch):
     """Requests spread over three compiled copies of each grammar (each with a lexer of its own), their rows
     handed to the executor grouped by copy, get the masks and ends of requests that all share one lexer."""
+    monkeypatch.setattr(structured, "ROWS_PER_LEXER", 8)  # 32 requests a grammar: room for 4 copies, 3 allowed
     params = params_of(REQUESTS)
     shared = compiler_of(tokenizer, lexer_copies=1)
     spread = compiler_of(tokenizer, lexer_copies=3, threads=3)
@@ -93,6 +95,19 @@ def test_lexer_copies_give_the_masks_of_one_lexer(tokenizer):
         alive = [rid for rid in alive if rid not in set(ended)]
     schema_rows = [rid for rid in params if rid % 3 == 0]  # the schema's requests: every third id
     assert sorted(three._copy_of[rid] for rid in schema_rows[:6]) == [0, 0, 1, 1, 2, 2]  # they take turns
+
+
+def test_a_grammar_gets_copies_by_its_requests(tokenizer):
+    """One copy for a grammar with few requests (a job of one grammar per row compiles each once), more as a
+    call brings more of its requests, never more than lexer_copies."""
+    compiler = compiler_of(tokenizer, lexer_copies=4)
+    few = compiler.start({0: SamplingParams(regex=DATE)})
+    assert len(compiler._templates[next(iter(compiler._templates))].copies) == 1
+    many = compiler.start({rid: SamplingParams(regex=DATE) for rid in range(3 * structured.ROWS_PER_LEXER)})
+    assert len(compiler._templates[next(iter(compiler._templates))].copies) == 3
+    compiler.start({rid: SamplingParams(regex=DATE) for rid in range(10 * structured.ROWS_PER_LEXER)})
+    assert len(compiler._templates[next(iter(compiler._templates))].copies) == 4
+    assert few is not None and many is not None
 
 
 # --------------------------------------------------------------------------- forced runs reused by state

@@ -48,6 +48,7 @@ discard.  Prefix sharing is untouched: masks apply to generated tokens only.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +90,7 @@ class GrammarCompiler:
         grammars = {rid: constraints.grammar_of(*p.constraint) for rid, p in params.items() if p.constraint}
         if not grammars:
             return None
-        templates = {g: self._template(g) for g in set(grammars.values())}
+        templates = {g: self._template(g, n) for g, n in Counter(grammars.values()).items()}
         return GrammarMatchers({rid: templates[g] for rid, g in grammars.items()}, self)
 
     @property
@@ -105,23 +106,30 @@ class GrammarCompiler:
             self._executor = llguidance.LLExecutor(num_threads=self.threads)
         return self._executor
 
-    def _template(self, grammar: str) -> "GrammarTemplate":
-        if grammar not in self._templates:
-            import llguidance
-            copies = []
-            for _ in range(max(1, self.lexer_copies)):  # compiled apart: each has a lexer (and its lock) of its own
-                matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-                if matcher.is_error():
-                    raise ValueError(f"constraint: the grammar does not build for this tokenizer: "
-                                     f"{matcher.get_error()}")
-                copies.append(matcher)
-            self._templates[grammar] = GrammarTemplate(tuple(copies))
-        return self._templates[grammar]
+    def _template(self, grammar: str, requests: int = 1) -> "GrammarTemplate":
+        """The grammar's compiled copies, enough for `requests` of one call: one per ROWS_PER_LEXER of them, at
+        most `lexer_copies` (a job of many distinct grammars, one per row, compiles each once: their requests
+        have lexers of their own already)."""
+        want = max(1, min(self.lexer_copies, -(-requests // ROWS_PER_LEXER)))
+        template = self._templates.get(grammar)
+        if template is None or len(template.copies) < want:
+            have = template.copies if template is not None else ()
+            added = tuple(self._compile(grammar) for _ in range(want - len(have)))
+            template = self._templates[grammar] = GrammarTemplate(have + added)
+        return template
+
+    def _compile(self, grammar: str) -> Any:
+        """A matcher of its own for `grammar` (its own lexer and lock)."""
+        import llguidance
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"constraint: the grammar does not build for this tokenizer: {matcher.get_error()}")
+        return matcher
 
 
 @dataclass(frozen=True, eq=False)
 class GrammarTemplate:
-    """One grammar compiled once per mask thread.
+    """One grammar compiled several times: up to one copy per mask thread.
 
     llguidance's `deep_copy` of a matcher shares the original's lexer, behind one lock (its `Parser` holds the
     lexer in an `Arc<Mutex<..>>` that `clone` shares), so the masks of requests copied from one matcher are
@@ -137,6 +145,7 @@ class GrammarTemplate:
 
 
 PARALLEL_ACCEPT_MIN_ROWS = 64
+ROWS_PER_LEXER = 32  # a grammar's requests in one call per compiled copy of it (GrammarTemplate), at most one per thread
 
 
 def mask_threads() -> int:
