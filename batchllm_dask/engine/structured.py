@@ -135,10 +135,11 @@ class GrammarTemplate:
     lexer in an `Arc<Mutex<..>>` that `clone` shares), so the masks of requests copied from one matcher are
     computed one at a time whatever the thread count: on 2 CPU cores, 64 rows of bench.structured's review
     schema took the same time a step with 1 thread and with 2 (3.4 and 3.2 ms), and 1.7x less with 2 threads
-    once the rows had lexers of their own.  So the requests of a grammar copy its `copies` in turn (the n-th
-    request the n-th modulo their count), and a step hands the executor its rows grouped by copy: each thread's share of the rows then mostly
-    takes one lock.  The copies are the same grammar, so a state (a token history) has one mask whichever copy
-    computes it.
+    once the rows had lexers of their own; on the H200's 16 cores (12 threads) the masks of llama-1b's review
+    job took 2.3-3.1x less wall time (BENCHMARKS.md).  So the requests of a grammar copy its `copies` in turn
+    (the n-th request the n-th modulo their count), and a step hands the executor its rows grouped by copy:
+    each thread's share of the rows then mostly takes one lock.  The copies are the same grammar, so a state
+    (a token history) has one mask whichever copy computes it.
     """
 
     copies: tuple[Any, ...]
