@@ -7,9 +7,10 @@ a step's masks for 32 requests took 5.8 ms (median; p95 12.7) against 13.8 ms (p
 preprocessing (per distinct schema or choice list); and its wheel needs nothing else (xgrammar
 brings pydantic and apache-tvm-ffi).  Its tokenizer takes longer to build (1.8 s against 0.6 s),
 once per engine.  On the 259-token byte tokenizer both are well under a millisecond.  Per engine, a `GrammarCompiler` holds the tokenizer as llguidance sees it (built on
-first use, about 2 s for a 128k vocabulary, never for an engine without constraints), one
-compiled matcher per distinct grammar and mask thread (`GrammarTemplate`: copies share a lexer and its
-lock), which requests copy (~15 us), and a thread pool that computes masks.  Per `generate` call, `GrammarMatchers` keeps one matcher per
+first use, about 2 s for a 128k vocabulary, never for an engine without constraints), each
+distinct grammar compiled up to once per mask thread (`GrammarTemplate`: the matchers copied
+from one compiled matcher share its lexer and its lock), which requests copy (~15 us), and a
+thread pool that computes masks.  Per `generate` call, `GrammarMatchers` keeps one matcher per
 constrained request, keyed by request id:
 
     matchers = compiler.start({request_id: params})   # None when no request is constrained
@@ -157,6 +158,7 @@ def mask_threads() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(32, int(0.8 * cores)))
+
 
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
     from transformers import PreTrainedTokenizerFast
