@@ -41,11 +41,14 @@ def params_of(n: int) -> dict[int, SamplingParams]:
     return {rid: SamplingParams(**kinds[rid % 3]) for rid in range(n)}
 
 
-def test_parallel_accept_ends_the_same_requests_and_leaves_the_same_masks(tokenizer):
-    """Random allowed tokens, and now and then a refused one (it must end its request in both)."""
+def test_parallel_accept_ends_the_same_requests_and_leaves_the_same_masks(tokenizer, monkeypatch):
+    """Random allowed tokens, and now and then a refused one (it must end its request in both).  The parallel
+    side spreads each grammar over three lexer copies: its rows go to the pool grouped by copy and come back
+    in row order."""
+    monkeypatch.setattr(structured, "ROWS_PER_LEXER", 8)
     params = params_of(REQUESTS)
-    one = compiler_of(tokenizer, parallel_accept=False).start(params)
-    parallel = compiler_of(tokenizer, parallel_accept=True)
+    one = compiler_of(tokenizer, parallel_accept=False, lexer_copies=1).start(params)
+    parallel = compiler_of(tokenizer, parallel_accept=True, lexer_copies=3, threads=3)
     two = parallel.start(params)
     calls = []
     real = parallel.executor.consume_token_par

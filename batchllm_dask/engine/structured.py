@@ -339,8 +339,13 @@ class GrammarMatchers:
                     consumed.append((rid, self._matcher(rid), int(token)))
         if len(consumed) < PARALLEL_ACCEPT_MIN_ROWS or not self._compiler.parallel_accept:
             accepted = [matcher.consume_token(token) for _, matcher, token in consumed]
-        else:
-            accepted = self._compiler.executor.consume_token_par([(m, t) for _, m, t in consumed])
+        else:  # grouped by lexer copy, as fill_mask's rows are (GrammarTemplate), then put back in row order
+            copy_of = self._copy_of
+            order = sorted(range(len(consumed)), key=lambda i: copy_of[consumed[i][0]])
+            results = self._compiler.executor.consume_token_par([consumed[i][1:] for i in order])
+            accepted = [False] * len(consumed)
+            for i, ok in zip(order, results):
+                accepted[i] = ok
         nodes, walk = self._nodes, self._histories.walk
         for (rid, matcher, token), ok in zip(consumed, accepted):
             ended[rid] = not ok or matcher.is_stopped()
