@@ -283,8 +283,7 @@ class GrammarMatchers:
                     rows.append((rid, matcher, row))
                 else:
                     copies.append((source, row))
-        copy_of = self._copy_of  # grouped by lexer copy (GrammarTemplate)
-        return [(matcher, row) for _, matcher, row in sorted(rows, key=lambda r: copy_of[r[0]])], copies
+        return [rows[i][1:] for i in self._copy_order([rid for rid, _, _ in rows])], copies
 
     def jump_forward(self, rows: Sequence[tuple[int, int, frozenset]]) -> dict[int, list[int]]:
         """Consume each request's forced run of tokens; the runs, by request id (see the module docstring).
@@ -339,9 +338,8 @@ class GrammarMatchers:
                     consumed.append((rid, self._matcher(rid), int(token)))
         if len(consumed) < PARALLEL_ACCEPT_MIN_ROWS or not self._compiler.parallel_accept:
             accepted = [matcher.consume_token(token) for _, matcher, token in consumed]
-        else:  # grouped by lexer copy, as fill_mask's rows are (GrammarTemplate), then put back in row order
-            copy_of = self._copy_of
-            order = sorted(range(len(consumed)), key=lambda i: copy_of[consumed[i][0]])
+        else:  # grouped by lexer copy, as fill_mask's rows are, then put back in row order
+            order = self._copy_order([rid for rid, _, _ in consumed])
             results = self._compiler.executor.consume_token_par([consumed[i][1:] for i in order])
             accepted = [False] * len(consumed)
             for i, ok in zip(order, results):
@@ -371,6 +369,12 @@ class GrammarMatchers:
             matcher = self._matchers[request_id] = template.copies[copy].deep_copy()
             self._nodes[request_id] = self._histories.root(template)
         return matcher
+
+    def _copy_order(self, request_ids: Sequence[int]) -> list[int]:
+        """Positions of `request_ids` grouped by the grammar copy each request's matcher came from: handed to the
+        executor in this order, each thread's share of the rows mostly takes one lexer's lock (GrammarTemplate)."""
+        copy_of = self._copy_of
+        return sorted(range(len(request_ids)), key=lambda i: copy_of[request_ids[i]])
 
     def _buffer(self, rows: int) -> torch.Tensor:
         if len(self._buffers) < 2 or self._buffers[0].shape[0] < rows:
