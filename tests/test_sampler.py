@@ -31,6 +31,19 @@ def test_greedy_is_argmax():
     assert torch.equal(sample(logits, batch), logits.argmax(-1))
 
 
+def test_bfloat16_logits_sample_as_their_float32_copy():
+    """The model hands bfloat16 logits to the sampler unwidened: every row, greedy (ties included: a bfloat16
+    row has many) or seeded with top-k/top-p, gets the token its float32 copy would get."""
+    logits = (random_logits(12, seed=3, vocab=4096) * 4).to(torch.bfloat16)
+    assert (logits[0].float().unique().numel() < 4096), "the test wants tied values"
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=5),
+              SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=9)] * 4
+    batch = batch_of(params, seeds=list(range(12)), steps=list(range(12)))
+    assert torch.equal(sample(logits, batch), sample(logits.float(), batch))
+    greedy = batch_of([SamplingParams(temperature=0.0)] * 12)
+    assert torch.equal(sample(logits, greedy), logits.float().argmax(-1))
+
+
 def test_top_k_1_is_greedy_in_a_mixed_batch():
     logits = random_logits(6)
     params = [SamplingParams(top_k=1, temperature=1.5), SamplingParams(temperature=1.0)] * 3

@@ -70,7 +70,7 @@ class MixedGraphs(StepGraphs):
 
     def run(self, inputs: StepInputs, logits_rows: torch.Tensor,
             feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Logits [R, vocab] float32 of the step's sampled rows, by replay; None: run the step eagerly.
+        """Logits [R, vocab] (the model's dtype) of the step's sampled rows, by replay; None: run the step eagerly.
 
         logits_rows: the sampled rows on the device (inputs.logits_rows, staged).  feed: as DecodeGraphs.run.
         """

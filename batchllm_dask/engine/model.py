@@ -243,5 +243,10 @@ class CausalLM(nn.Module):
         return self.model.norm(h[rows], None if residual is None else residual[rows], fused)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [R, hidden] -> logits [R, vocab] float32."""
-        return self.lm_head(hidden).float()
+        """hidden [R, hidden] -> logits [R, vocab] in the model's dtype.
+
+        Not widened to float32 here: greedy rows take the argmax of these values as they are (the float32 copy
+        of a bfloat16 row holds the same numbers, so the same token wins), and sampling widens only where it
+        divides by the temperature.  A float32 copy of [R, 128k] logits cost about 4% of a decode-heavy step
+        on a 1B model (H200 profile of 2026-12-04)."""
+        return self.lm_head(hidden)

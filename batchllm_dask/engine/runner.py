@@ -41,7 +41,7 @@ _WORK_FIELDS = ("q_start", "q_len", "kv_len", "causal", "page_start", "page_ids"
 
 @dataclass(frozen=True)
 class StepLogits:
-    """A launched step's logits [R, vocab] float32 (device) and how to sample each row."""
+    """A launched step's logits [R, vocab] in the model's dtype (device) and how to sample each row."""
 
     logits: torch.Tensor
     sampling: SamplingBatch

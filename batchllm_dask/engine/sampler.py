@@ -127,13 +127,13 @@ def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Next tokens [R] int64 from logits [R, V] float32."""
+    """Next tokens [R] int64 from logits [R, V] (any float dtype: the temperature's division is in float32)."""
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
     # Greedy rows get temperature 1 here only to stay finite; their result is discarded below.
     temperature = torch.where(batch.greedy, 1.0, batch.temperature)
-    scaled = logits / temperature[:, None]
+    scaled = logits.float() / temperature[:, None]
     if batch.any_filter:
         scaled = _filter_top_k_top_p(scaled, batch.top_k, batch.top_p)
     gumbel = -torch.log(-torch.log(hash_uniform(batch.seed, batch.step, logits.shape[-1])))
