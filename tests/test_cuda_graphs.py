@@ -33,7 +33,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # ---- bucketing and capacities (pure) ----
 
 def test_bucket_sizes_are_capped_by_max_num_seqs():
-    assert cg.bucket_sizes(512) == cg.BUCKETS
+    assert cg.bucket_sizes(cg.BUCKETS[-1]) == cg.BUCKETS
+    assert cg.bucket_sizes(512) == cg.BUCKETS[:cg.BUCKETS.index(512) + 1]
     assert cg.bucket_sizes(4096) == cg.BUCKETS  # larger batches run eagerly: they are GPU-bound anyway
     assert cg.bucket_sizes(100) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100)
     assert cg.bucket_sizes(1) == (1,)
