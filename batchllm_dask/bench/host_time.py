@@ -42,7 +42,7 @@ from ..engine import engine as engine_module
 from ..engine.cuda_graphs import DecodeGraphs
 from ..engine.mixed_graphs import MixedGraphs
 from ..engine.kv_cache import kv_bytes_per_page
-from ..engine.runner import ModelRunner, StepLogits, _arrays, _device_work
+from ..engine.runner import ModelRunner, StepLogits, _device_work
 from ..engine.staging import SampledTokens
 from ..kernels import attention_plan as ap
 from ..kernels import prefix_attention
@@ -123,9 +123,6 @@ class HostOnlyRunner:
 
     def _eager(self, inputs, dev, plan, feed):
         """What the real eager launch does on the host before the model runs (the model does not run)."""
-        if "input_ids" not in dev:
-            plan = self.runner._host_plan(inputs)
-            dev = {**dev, **self.runner.stager.stage(_arrays(inputs, plan, graphed=False, only_forward=True))}
         work = _device_work(inputs.work, dev)
         prefix_attention.attach_plan(work, ap.device_plan_from_arrays(plan, dev))
         return torch.zeros(len(inputs.logits_rows), 1)

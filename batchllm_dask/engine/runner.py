@@ -103,6 +103,12 @@ class ModelRunner:
         elif mixed:
             logits = self.mixed_graphs.run(inputs, dev["logits_rows"], feed)
         if logits is None:
+            if "input_ids" not in dev:  # a step that the graphs could not take: stage all of it again
+                # One staging per launch: a second `stage` reuses the device buffer, so the first one's views
+                # (feed rows, sampling settings) would then read the second one's bytes.
+                plan = self._host_plan(inputs) if self.triton_plans else None
+                dev = self.stager.stage(_arrays(inputs, plan, graphed=False))
+                feed = (dev["feed_rows"], dev["feed_src"], previous.device) if feed is not None else None
             logits = self._eager(inputs, dev, plan, feed)
         return StepLogits(logits, _sampling_batch(inputs.sampling, dev))
 
@@ -119,9 +125,6 @@ class ModelRunner:
         return self.returns.send(tokens if self.token_sync is None else self.token_sync(tokens))
 
     def _eager(self, inputs: StepInputs, dev: dict, plan, feed) -> torch.Tensor:
-        if "input_ids" not in dev:  # a step that the graphs could not take: stage the rest now
-            plan = self._host_plan(inputs) if self.triton_plans else None
-            dev = {**dev, **self.stager.stage(_arrays(inputs, plan, graphed=False, only_forward=True))}
         input_ids = dev["input_ids"]
         if feed is not None:
             rows, src, tokens = feed
@@ -142,15 +145,13 @@ class ModelRunner:
         return host_plan(inputs.work, inputs.num_tokens, args.num_heads, args.num_kv_heads, self.device, split=True)
 
 
-def _arrays(inputs: StepInputs, plan, graphed: bool, only_forward: bool = False,
-            sampled_rows: bool = False) -> dict[str, np.ndarray]:
+def _arrays(inputs: StepInputs, plan, graphed: bool, sampled_rows: bool = False) -> dict[str, np.ndarray]:
     """The named arrays of a step to stage: sampling and feed always; the forward inputs unless graphed
     (a mixed step's graph still takes its sampled rows: `sampled_rows`)."""
-    out: dict[str, np.ndarray] = {}
-    if not only_forward:
-        s = inputs.sampling
-        out.update(feed_rows=inputs.feed_rows, feed_src=inputs.feed_src, s_temperature=s.temperature,
-                   s_top_p=s.top_p, s_top_k=s.top_k, s_seed=s.seed, s_step=s.step, s_greedy=s.greedy)
+    s = inputs.sampling
+    out: dict[str, np.ndarray] = dict(feed_rows=inputs.feed_rows, feed_src=inputs.feed_src,
+                                      s_temperature=s.temperature, s_top_p=s.top_p, s_top_k=s.top_k, s_seed=s.seed,
+                                      s_step=s.step, s_greedy=s.greedy)
     if sampled_rows:
         out.update(logits_rows=inputs.logits_rows)
     if not graphed:

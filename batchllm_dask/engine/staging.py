@@ -15,8 +15,10 @@ step n's kernels, which finish reading it first).
 
 `TokenReturn` copies a step's sampled tokens into pinned memory and records an
 event; the host waits for that event only when it needs the ids, a step later.
-On the CPU both fall back to plain synchronous tensors: the same code path,
-without pinning or events.
+On the CPU both run the same code without pinning or events.  The CPU's
+"device" buffer is reused exactly as the GPU's is, so a caller that keeps one
+staging's views past the next `stage` reads the newer bytes on the CPU too,
+and the CPU tests catch it (a fallback that staged twice in one step did so).
 """
 from __future__ import annotations
 
@@ -49,11 +51,9 @@ class Stager:
         for name, array in arrays.items():
             raw = np.ascontiguousarray(array).view(np.uint8)
             flat[offsets[name]:offsets[name] + raw.size] = raw
-        if not self.cuda:
-            dev = host[:total].clone()
-        else:
-            dev = self._device_buffer(total)
-            dev[:total].copy_(host[:total], non_blocking=True)
+        dev = self._device_buffer(total)
+        dev[:total].copy_(host[:total], non_blocking=self.cuda)
+        if self.cuda:
             self._copied[turn].record()
         return {name: dev[offsets[name]:offsets[name] + arrays[name].nbytes].view(_TORCH_DTYPES[arrays[name].dtype])
                 for name in arrays}
