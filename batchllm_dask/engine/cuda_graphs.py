@@ -27,7 +27,7 @@ instead a graph captured for the bucket size B' >= B (`bucket_sizes`):
 
 Everything else (prefill chunks, mixed steps, batches above the largest bucket, the
 torch attention) runs eagerly.  Each captured graph keeps its logits [B', vocab]
-in the model's dtype (about 0.9 GB in bfloat16 for all seventeen buckets of a 128k vocabulary, 0.45 GB up to 512 rows).  Tests on the
+in the model's dtype (about 0.45 GB in bfloat16 for all fifteen buckets of a 128k vocabulary).  Tests on the
 CPU pass `capture=run_eagerly`: the same static path, without graphs.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ from .step_inputs import StepInputs
 if TYPE_CHECKING:
     from ..kernels.attention_plan import HostPlan
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _MIN_TILES = 64  # the smallest tile grid captured (a power of two)
 _MIN_PARTS = 64  # the smallest partial scratch captured
 
