@@ -132,11 +132,14 @@ class EngineConfig:
         prefill chunks); None (the default) lets the engine choose it from the
         model's size (Engine._token_budget: 8192 for 8B, 16384 for 1B on CUDA).
     max_num_seqs: a cap on running requests; memory is the real bound.  Decode
-        steps of more rows than the largest CUDA graph (512) run eagerly: they
-        are bound by the GPU.  A cap below a call's request count leaves a tail
-        of steps with only the last admitted requests in them: at 512, the
-        llama-8b skewed workload at scale 0.25 (532 requests) ran 196 steps, 63
-        of them under 128 tokens; at 1024, 145 (H200, 2026-12-04).
+        steps of more rows than the largest CUDA graph (512) run eagerly.  A cap
+        below a call's request count leaves a tail of steps with only the last
+        admitted requests in them (llama-8b skewed at scale 0.25, 532 requests:
+        196 steps at 512, 63 of them under 128 tokens; 145 at 1024), but above
+        512 the host's time per step grows faster than the rows (H200,
+        2026-12-04: 1024 with eager steps above 512 rows took skewed from 6.9 s
+        to 11.3 s on llama-8b; with graphs up to 1024 rows llama-1b at scale 1.0
+        gained 4-7% on doc-qa and skewed and lost 1-12% on shared-instructions).
     prefix_sharing: build the global prefix tree and compute shared prefixes once.
     min_shared_tokens: a prefix is shared only if (fan-out - 1) * length, the
         prompt tokens it saves, reaches this.
@@ -175,7 +178,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     page_size: int = 16
     max_num_batched_tokens: int | None = None
-    max_num_seqs: int = 1024
+    max_num_seqs: int = 512
     prefix_sharing: bool = True
     min_shared_tokens: int = 32
     attention_backend: str = "auto"

@@ -56,7 +56,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, num_pages: int, page_size: int, attention_backend: str,
-                 cuda_graphs: bool = False, max_num_seqs: int = 1024, graph_max_tokens: int = 0):
+                 cuda_graphs: bool = False, max_num_seqs: int = 512, graph_max_tokens: int = 0):
         args = model.args
         param = next(model.parameters())
         self.model = model
