@@ -139,7 +139,7 @@ class EngineConfig:
         512 the host's time per step grows faster than the rows (H200,
         2026-12-04: 1024 with eager steps above 512 rows took skewed from 6.9 s
         to 11.3 s on llama-8b; with graphs up to 1024 rows llama-1b at scale 1.0
-        gained 4-7% on doc-qa and skewed and lost 1-12% on shared-instructions).
+        gained 2-7% on doc-qa and skewed and lost 1-12% on shared-instructions).
     prefix_sharing: build the global prefix tree and compute shared prefixes once.
     min_shared_tokens: a prefix is shared only if (fan-out - 1) * length, the
         prompt tokens it saves, reaches this.
