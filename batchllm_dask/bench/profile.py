@@ -40,6 +40,15 @@ _CLASSES = (
 _MAX_TRACE_BYTES = 15 << 20
 
 
+def _launch_key(event: dict) -> str:
+    """A kernel launch's name with its block and shared memory: at head_dim 128 both of the attention kernel's tile
+    classes run 4 warps, and only their shared memory tells them apart."""
+    args = event.get("args", {})
+    smem = args.get("shared memory")
+    smem_text = f", {smem // 1024} KiB shared" if isinstance(smem, int) else ""
+    return f'{event["name"][:40]} block {args.get("block", "?")}{smem_text}'
+
+
 def kernel_class(name: str) -> str:
     low = name.lower()
     for label, keys in _CLASSES:
@@ -90,8 +99,8 @@ def summarize_trace(events: list[dict], wall_us: float) -> dict[str, Any]:
         entry = by_name[e["name"][:90]]
         entry[0] += e["dur"]
         entry[1] += 1
-        if kernel_class(e["name"]) == "attention":  # the tile classes' launches differ in their blocks' threads
-            entry = by_launch[f'{e["name"][:40]} block {e.get("args", {}).get("block", "?")}']
+        if kernel_class(e["name"]) == "attention":  # the tile classes' launches differ in threads or shared memory
+            entry = by_launch[_launch_key(e)]
             entry[0] += e["dur"]
             entry[1] += 1
     phases: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
