@@ -24,7 +24,7 @@ The callable runs on the scheduler for every task key: a key
 partition-numbered task of the graph follows the same rule, the reading and
 tokenizing tasks of input partition i included: they only move where they run.
 `allow_other_workers` makes it a preference: a task whose worker is gone runs
-elsewhere.  `worker.gpu_resources()` enters it for the placement that
+elsewhere, and the scheduler's work stealing may move one off a busy worker.  `worker.gpu_resources()` enters it for the placement that
 `note_plan` recorded.  Nothing here imports torch or dask at module level.
 """
 from __future__ import annotations

@@ -103,6 +103,18 @@ def test_plan_costs_sum_to_the_rows_costs_and_follow_the_rows():
 distributed = pytest.importorskip("distributed")
 
 
+def _two_workers(**options):
+    """A LocalCluster of two worker processes whose scheduler does not steal work.
+
+    The placement is a preference (`allow_other_workers`), so the scheduler's work stealing may move a task off
+    a busy worker; on a loaded CI machine it did (two partitions swapped).  These tests check where the placement
+    sends each task, so they turn stealing off."""
+    import dask
+    with dask.config.set({"distributed.scheduler.work-stealing": False}):
+        return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                        **options)
+
+
 def _where(part: pd.DataFrame) -> pd.DataFrame:
     from distributed import get_worker
     return pd.DataFrame({"worker": [get_worker().address], "rows": [len(part)]})
@@ -118,8 +130,7 @@ def test_local_cluster_runs_each_partition_on_its_assigned_worker():
     divisions = [int(b) for b in bounds[:-1]] + [int(bounds[-1]) - 1]
     ddf = dd.from_pandas(pdf, npartitions=1).repartition(divisions=divisions)
     assert ddf.npartitions == len(sizes)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with _two_workers(resources={"GPU": 1}) as cluster, distributed.Client(cluster) as client:
         workers = sorted(client.scheduler_info()["workers"])
         mapping = lpt_assign([float(s) for s in sizes], workers)
         ran = ddf.map_partitions(_where, meta={"worker": "str", "rows": "int64"})
@@ -139,8 +150,7 @@ def test_placement_holds_behind_a_p2p_shuffle():
     shuffled = dd.from_pandas(pdf, npartitions=4).set_index("t", divisions=list(range(len(sizes) + 1)),
                                                           shuffle_method="p2p")
     ran = shuffled.map_partitions(_where, meta={"worker": "str", "rows": "int64"}, clear_divisions=True)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with _two_workers() as cluster, distributed.Client(cluster) as client:
         mapping = lpt_assign([float(s) for s in sizes], sorted(client.scheduler_info()["workers"]))
         with placement(mapping):
             out = ran.compute().reset_index(drop=True)
@@ -159,8 +169,7 @@ def test_generate_on_two_workers_follows_the_noted_plan(tiny_llama_dir):
             for b, size in enumerate([6, 3, 2, 1]) for i in range(size)] + [f"q{i}?" for i in range(3)]
     ddf = to_dask(pd.DataFrame({"prompt": rows}), 3)
     model, n = str(tiny_llama_dir), 4
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with _two_workers(resources={"GPU": 1}) as cluster, distributed.Client(cluster) as client:
         tok = planning.tokenize(ddf, "prompt", model, chat=False)
         stats = tok.map_partitions(planning.partition_stats, 16, meta=planning._STATS_META).compute()
         mapping = note_plan(build_plan(stats, n, 4, 16))
