@@ -144,6 +144,39 @@ def test_a_full_reserve_never_preempts(prompts, data, page_size, budget, num_pag
     assert all(len(out) == max_tokens[i] for i, out in outputs.items())
 
 
+class _ListAllocator:
+    """The allocator as it was: every free id in one list, popped from the end."""
+
+    def __init__(self, num_pages: int):
+        self.free_ids = list(range(num_pages - 1, -1, -1))
+
+    def allocate(self, n: int) -> list[int]:
+        return [self.free_ids.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self.free_ids.extend(reversed(pages))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64), st.lists(st.tuples(st.booleans(), st.integers(0, 12)), max_size=60))
+def test_page_allocator_hands_out_the_ids_a_full_free_list_would(num_pages, ops):
+    """The allocator keeps never-used pages as a counter; the ids it hands out, in order, and its free count are
+    those of a list of every free id."""
+    alloc, reference, held = PageAllocator(num_pages), _ListAllocator(num_pages), []
+    for is_free, n in ops:
+        if is_free and held:
+            pages = held.pop(n % len(held))
+            alloc.free(pages)
+            reference.free(pages)
+        elif not is_free and n <= len(reference.free_ids):
+            pages = alloc.allocate(n)
+            assert pages == reference.allocate(n)
+            held.append(pages)
+        assert alloc.num_free == len(reference.free_ids)
+        assert alloc.num_used == num_pages - alloc.num_free
+    assert sorted(p for pages in held for p in pages) == sorted(set(range(num_pages)) - set(reference.free_ids))
+
+
 def test_request_larger_than_the_pool_fails_alone():
     prompts = [[1] * 8, [2] * 200, [3] * 8]
     _, finished, _, outputs, failed, _ = _simulate(prompts, [4, 4, 4], 20, 4, 64)

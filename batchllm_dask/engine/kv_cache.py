@@ -32,29 +32,40 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """A free list of page ids, with the high-water mark of pages in use."""
+    """A free list of page ids, with the high-water mark of pages in use.
+
+    Ids are handed out lowest first, and a freed page is handed out again before any page never used (the last
+    freed first).  The pages never handed out are a counter, not a list: listing a pool of 236k pages (llama-1b
+    on an H200) cost some 5-8 ms at every `generate` call, before the GPU's first step.
+    """
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"the KV pool needs at least one page, got {num_pages}")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._returned: list[int] = []  # freed pages; the last one freed is at the end
+        self._fresh = 0  # pages [_fresh, num_pages) were never handed out
         self.peak_used = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._returned) + self.num_pages - self._fresh
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfPages(f"asked for {n} pages, {self.num_free} free")
+        reused = min(n, len(self._returned))
+        cut = len(self._returned) - reused
+        pages = self._returned[cut:][::-1]
+        del self._returned[cut:]
+        pages.extend(range(self._fresh, self._fresh + n - reused))
+        self._fresh += n - reused
         self.peak_used = max(self.peak_used, self.num_used)
         return pages
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        self._returned.extend(reversed(pages))
