@@ -135,7 +135,8 @@ class EngineConfig:
         steps of more rows than the largest CUDA graph (512) run eagerly.  A cap
         below a call's request count leaves a tail of steps with only the last
         admitted requests in them (llama-8b skewed at scale 0.25, 532 requests:
-        196 steps at 512, 63 of them under 128 tokens; 145 at 1024), but above
+        196 steps at 512, 63 of them under 128 tokens in the scheduler's CPU
+        simulation; 145 at 1024), but above
         512 the host's time per step grows faster than the rows (H200,
         2026-12-04: 1024 with eager steps above 512 rows took skewed from 6.9 s
         to 11.3 s on llama-8b; with graphs up to 1024 rows llama-1b at scale 1.0

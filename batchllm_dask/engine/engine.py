@@ -185,10 +185,8 @@ class Engine:
         its peak, and for the prompts to be in before the batch's last decodes, so that few steps run with
         only a handful of rows: 8192 tokens for an 8B model, 16384 for a 1B one, at most 16384, at least
         4096.  Measured on an H200 (2026-12-04): 1B at 16384 against 8192, 40-47% of the bound against
-        37-46%; 8B at 8192 against 4096 in two calls, 0-3% less time on
-        shared-instructions, doc-qa and no-sharing, level on long-output (skewed not measured at max_num_seqs
-        512).
-        Elsewhere 4096.
+        37-46%; 8B at 8192 against 4096 in two calls, 0-3% less time on shared-instructions, doc-qa and
+        no-sharing, level on long-output (skewed not measured at max_num_seqs 512).  Elsewhere 4096.
         """
         if self.config.max_num_batched_tokens is not None:
             return self.config.max_num_batched_tokens
