@@ -13,6 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from batchllm_dask.engine import Engine, SamplingParams
 from batchllm_dask.engine.default_model import build_tiny_checkpoint
+from batchllm_dask.engine.config import EngineConfig
+from batchllm_dask.engine.model_args import ModelArgs
+from batchllm_dask.roofline import SHAPES
 from _helpers import trie_count
 
 
@@ -257,3 +260,19 @@ def test_a_cuda_out_of_memory_step_is_retried_with_a_smaller_token_budget(tiny_l
     assert [o.token_ids for o in outs] == want
     # the retry halves the failed step (141 tokens -> 70), not the budget (512 -> 256 would fail the same step again)
     assert refused and engine.last_stats.oom_retries == len(refused) >= 1
+
+
+@pytest.mark.parametrize("shape, device, budget, cap", [
+    ("llama-8b", "cuda", 8192, 1024), ("llama-1b", "cuda", 16384, 512), ("qwen-0.5b", "cuda", 16384, 512),
+    ("llama-8b", "cpu", 4096, 512)])
+def test_step_budget_and_request_cap_follow_the_model_size(shape, device, budget, cap):
+    """The defaults the engine picks from a model's shape (its docstrings say why): a big model's decode step
+    carries enough arithmetic to hide the host's time for 1024 rows; options given explicitly win."""
+    s = SHAPES[shape]
+    args = ModelArgs(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_layers=s.layers,
+                     num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim, max_position_embeddings=8192)
+    engine = object.__new__(Engine)
+    engine.args, engine.device, engine.config = args, torch.device(device), EngineConfig()
+    assert (engine._token_budget(), engine._max_num_seqs()) == (budget, cap)
+    engine.config = EngineConfig(max_num_seqs=7, max_num_batched_tokens=100)
+    assert (engine._token_budget(), engine._max_num_seqs()) == (100, 7)

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     engine = Engine(path, **base_options)
     print(f"engine loaded (CUDA graphs captured) in {time.perf_counter() - t:.1f} s, {engine.num_kv_pages} KV pages, "
-          f"{engine.max_num_batched_tokens} tokens per step", flush=True)
+          f"{engine.max_num_batched_tokens} tokens per step, at most {engine.max_num_seqs} requests", flush=True)
     warm_up(engine, shape.vocab)
     runs, full_tokens = run_full(engine, args, shape, ceilings, args.workloads)
     if args.profile:

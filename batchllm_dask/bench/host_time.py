@@ -94,7 +94,7 @@ def _no_capture(forward):
 
 
 class _NoHead:
-    """The LM head that mixed graphs run after a replay: nothing either."""
+    """The LM head that the graphs run after a replay: nothing either."""
 
     @staticmethod
     def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class HostOnlyRunner:
                                      max_num_seqs, capture=_no_capture)
         runner.mixed_graphs = MixedGraphs(runner.model, runner.k_cache, runner.v_cache, runner.scratch_page,
                                           GRAPH_MAX_TOKENS, capture=_no_capture)
-        runner.mixed_graphs.model = _NoHead()
+        runner.graphs.model = runner.mixed_graphs.model = _NoHead()
         runner.step_sizes = runner.mixed_graphs.sizes
         runner._eager = self._eager
         runner.sample = self._sample

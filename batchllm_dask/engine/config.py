@@ -131,16 +131,14 @@ class EngineConfig:
     max_num_batched_tokens: the token budget of one forward pass (decodes plus
         prefill chunks); None (the default) lets the engine choose it from the
         model's size (Engine._token_budget: 8192 for 8B, 16384 for 1B on CUDA).
-    max_num_seqs: a cap on running requests; memory is the real bound.  Decode
-        steps of more rows than the largest CUDA graph (512) run eagerly.  A cap
-        below a call's request count leaves a tail of steps with only the last
-        admitted requests in them (llama-8b skewed at scale 0.25, 532 requests:
-        196 steps at 512, 63 of them under 128 tokens in the scheduler's CPU
-        simulation; 145 at 1024), but above
-        512 the host's time per step grows faster than the rows (H200,
-        2026-12-04: 1024 with eager steps above 512 rows took skewed from 6.9 s
-        to 11.3 s on llama-8b; with graphs up to 1024 rows llama-1b at scale 1.0
-        gained 2-7% on doc-qa and skewed and lost 1-12% on shared-instructions).
+    max_num_seqs: a cap on running requests (memory is the real bound); None
+        (the default) lets the engine choose it from the model's size
+        (Engine._max_num_seqs: 1024 for 8B, 512 for 1B on CUDA, 512 elsewhere).
+        A cap below a call's request count leaves a tail of steps with only the
+        last admitted requests in them (llama-8b skewed at scale 0.25, 532
+        requests: 196 steps at 512, 63 of them under 128 tokens in the
+        scheduler's CPU simulation; 145 at 1024).  Decode steps of more rows
+        than the largest CUDA graph (1024) run eagerly, bound by the host.
     prefix_sharing: build the global prefix tree and compute shared prefixes once.
     min_shared_tokens: a prefix is shared only if (fan-out - 1) * length, the
         prompt tokens it saves, reaches this.
@@ -179,7 +177,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     page_size: int = 16
     max_num_batched_tokens: int | None = None
-    max_num_seqs: int = 512
+    max_num_seqs: int | None = None
     prefix_sharing: bool = True
     min_shared_tokens: int = 32
     attention_backend: str = "auto"
@@ -208,8 +206,8 @@ class EngineConfig:
         _check(self.max_num_batched_tokens is None or
                (_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 16),
                "max_num_batched_tokens", f"must be an integer >= 16 or None, got {self.max_num_batched_tokens!r}")
-        _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs",
-               f"must be an integer >= 1, got {self.max_num_seqs!r}")
+        _check(self.max_num_seqs is None or (_is_int(self.max_num_seqs) and self.max_num_seqs >= 1), "max_num_seqs",
+               f"must be an integer >= 1 or None, got {self.max_num_seqs!r}")
         _check(isinstance(self.prefix_sharing, bool), "prefix_sharing", "must be a bool")
         _check(_is_int(self.min_shared_tokens) and self.min_shared_tokens >= 1, "min_shared_tokens",
                f"must be an integer >= 1, got {self.min_shared_tokens!r}")
