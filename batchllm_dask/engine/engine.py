@@ -46,6 +46,7 @@ from .outputs import Completion, GenerationStats
 from .parallel import RankGroup, load_shard
 from .pipeline import SampledStep, mark_sampled, resolve
 from .prefix_tree import PrefixPlan, build_prefix_plan
+from ..roofline import ModelShape
 from .runner import ModelRunner
 from .sampler import StopChecker, sampling_row
 from .scheduler import Scheduler, StepBatch, order_requests
@@ -201,20 +202,21 @@ class Engine:
         1.2e13 FLOPs of linear layers (15 ms at 800 TFLOP/s: an 8B model), else 512.
 
         More rows a step mean fewer steps and no tail of a few requests decoding alone when a call has more
-        requests than the cap (llama-8b skewed, 532 requests: 6.96 s at 512, 6.68 s at 1024; H200, 2026-12-06).  But the host's time per step grows with the rows (5-19
-        ms at 1024 rows on the H200's host, 2026-12-04), and must hide behind the step's GPU time: a 1B
-        model's 1024-row decode step is about 3 ms of arithmetic, so it keeps 512 (at 1024 its
-        shared-instructions run lost 1-12%)."""
+        requests than the cap (llama-8b skewed, 532 requests: 6.96 s at 512, 6.68 s at 1024; H200, 2026-12-06).
+        But the host's time per step grows with the rows (5-19 ms at 1024 rows on the H200's host, 2026-12-04),
+        and must hide behind the step's GPU time: a 1B model's 1024-row decode step is about 3 ms of
+        arithmetic, so it keeps 512 (at 1024 its shared-instructions run lost 1-12%)."""
         if self.config.max_num_seqs is not None:
             return self.config.max_num_seqs
         big = self.device.type == "cuda" and 1024 * 2 * self._linear_params() >= 1.2e13
         return 1024 if big else 512
 
     def _linear_params(self) -> int:
-        """Weights of the layers' linear products (attention projections and MLP), the LM head not counted."""
+        """Weights of the layers' linear products (attention projections and MLP), the LM head not counted:
+        the roofline's count, so the step sizes and the bound read the model alike."""
         a = self.args
-        return a.num_layers * (a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
-                               + a.num_heads * a.head_dim * a.hidden_size + 3 * a.hidden_size * a.intermediate_size)
+        return ModelShape(layers=a.num_layers, hidden=a.hidden_size, heads=a.num_heads, kv_heads=a.num_kv_heads,
+                          head_dim=a.head_dim, intermediate=a.intermediate_size, vocab=a.vocab_size).linear_params
 
     @property
     def kv_cache_bytes(self) -> int:
